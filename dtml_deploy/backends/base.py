@@ -1,0 +1,121 @@
+"""The backend interface: run a fixed-size batch of windows, return the requested per-window maps.
+
+Channel names a backend can produce (always fp32):
+  `p_seg` sigmoid of M_s's logits; `sdm` tanh output of M_d; `p_dis` sigmoid(-k * sdm).
+Backends are registered by name (`torch`, `onnx`, `trt`); `auto` picks the fastest one present.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from dtml_deploy.bundle import Bundle
+from dtml_deploy.errors import BackendUnavailable
+
+CHANNELS = ("p_seg", "p_dis", "sdm")
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend runs the networks."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = "fp32"
+    batch: int = 4  # windows per forward; the last batch is padded to this size
+    channels_last: bool = True  # torch: channels_last_3d memory format
+    fold_bn: bool = True  # torch: BatchNorm folded into the convolutions
+    compile: bool = False  # torch: torch.compile the pair
+    cuda_graphs: bool = False  # torch: replay a captured CUDA graph per batch
+    artifact: Path | None = None  # onnx/trt: a prebuilt .onnx / .engine (else looked up or exported)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if present else cpu; a CUDA device that is absent is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
+    return dev
+
+
+class Backend(ABC):
+    """Runs the dual-task pair on batches of windows."""
+
+    name: ClassVar[str]
+
+    def __init__(self, bundle: Bundle, options: BackendOptions, outputs: tuple[str, ...]) -> None:
+        bad = [o for o in outputs if o not in CHANNELS]
+        if bad or not outputs:
+            raise ValueError(f"outputs must be a non-empty subset of {CHANNELS}, got {outputs}")
+        self.bundle = bundle
+        self.options = options
+        self.outputs = tuple(outputs)
+        self.device = resolve_device(options.device)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype windows are handed over in (the backend casts inside if it needs another)."""
+        return torch.float32
+
+    @abstractmethod
+    def predict(self, windows: torch.Tensor) -> torch.Tensor:
+        """[B, 1, *patch] on `self.device` -> [B, len(outputs), *patch] fp32 on `self.device`."""
+
+    def describe(self) -> str:
+        """One line saying what actually runs (for reports)."""
+        return f"{self.name} on {self.device} ({self.options.precision}, batch {self.options.batch})"
+
+
+_REGISTRY = {
+    "torch": "dtml_deploy.backends.torch_backend:TorchBackend",
+    "onnx": "dtml_deploy.backends.onnx_backend:OnnxBackend",
+    "trt": "dtml_deploy.backends.trt_backend:TrtBackend",
+}
+
+
+def _backend_class(name: str) -> type[Backend]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose from auto, {', '.join(_REGISTRY)}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime imports here, fastest first."""
+    found = []
+    for name in ("trt", "onnx", "torch"):
+        if _backend_class(name).is_available():  # type: ignore[attr-defined]
+            found.append(name)
+    return found
+
+
+def create_backend(name: str, bundle: Bundle, options: BackendOptions,
+                   outputs: tuple[str, ...] = ("p_seg", "p_dis")) -> Backend:
+    """Instantiate a backend by name; `auto` picks the fastest available for the device."""
+    if name == "auto":
+        name = _auto_choice(options)
+    return _backend_class(name)(bundle, options, outputs)
+
+
+def _auto_choice(options: BackendOptions) -> str:
+    dev = resolve_device(options.device)
+    if dev.type == "cuda":
+        return "trt" if _backend_class("trt").is_available() else "torch"  # type: ignore[attr-defined]
+    # On CPU onnxruntime beats eager torch (see benchmarks/backend_speed.py); fp32 only.
+    if options.precision == "fp32" and _backend_class("onnx").is_available():  # type: ignore[attr-defined]
+        return "onnx"
+    return "torch"

@@ -1,0 +1,328 @@
+"""The `dtml` command line: thin Typer commands over keyword-only cores.
+
+Heavy modules (torch, training, export) are imported inside the commands, so `dtml --help` and
+`dtml segment` start without loading training code. The toolkit's own errors end in one line on
+stderr and exit code 2 (1 when only some of several inputs failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="DTML: train, export, segment, evaluate and benchmark dual-task V-Nets.")
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+class RecipeName(str, Enum):
+    dtml = "dtml"
+    dtml_dis = "dtml-dis"
+    dtml_dis_mask = "dtml-dis-mask"
+    dtml_labeled_only = "dtml-labeled-only"
+    seg_only = "seg-only"
+    sdm_only = "sdm-only"
+    full = "full"
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+    trt = "trt"
+
+
+class PrecisionName(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class HeadName(str, Enum):
+    seg = "seg"
+    sdm = "sdm"
+    mean = "mean"
+
+
+class BlendName(str, Enum):
+    gaussian = "gaussian"
+    constant = "constant"
+
+
+class AmpName(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    none = "none"
+
+
+class Supervision(str, Enum):
+    mask = "mask"
+    dis = "dis"
+    dis_mask = "dis+mask"
+
+
+class Schedule(str, Enum):
+    code = "code"
+    paper = "paper"
+
+
+# Inference options shared by `segment`, `evaluate` and `benchmark` (one definition each).
+ModelOpt = Annotated[Path | None, typer.Option(help="Bundle folder (default: the shipped model)")]
+BackendOpt = Annotated[BackendName, typer.Option(help="Inference backend")]
+ArtifactOpt = Annotated[Path | None, typer.Option(help="Prebuilt .onnx or .engine for --backend onnx/trt")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+PrecisionOpt = Annotated[PrecisionName | None,
+                         typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
+OverlapOpt = Annotated[float, typer.Option(help="Window overlap fraction")]
+StrideOpt = Annotated[tuple[int, int, int] | None, typer.Option(help="Fixed stride X Y Z (paper: 18 18 4)")]
+BatchOpt = Annotated[int, typer.Option(help="Windows per forward")]
+BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: constant)")]
+HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
+LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
+ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing and back")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the toolkit's errors (and bad option values) into one line and exit code 2."""
+    from dtml_deploy.errors import DtmlError
+
+    try:
+        yield
+    except (DtmlError, ValueError, FileExistsError) as e:
+        raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _bundle_path(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise _fail("no default model is installed with this copy of dtml; pass --model BUNDLE_DIR")
+    return DEFAULT_MODEL
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Data root: LA2018 layout, UA-MT h5 layout, or images folder")],
+    out: Annotated[Path, typer.Option(help="Run folder: bundle/, checkpoint/, train_log.jsonl")],
+    recipe: Annotated[RecipeName, typer.Option(help="A row of the paper's tables")] = RecipeName.dtml,
+    labels: Annotated[Path | None, typer.Option(help="Labels folder (generic image/label folder pair)")] = None,
+    case_list: Annotated[Path | None, typer.Option(help="File listing case ids, one per line")] = None,
+    labeled: Annotated[int | None, typer.Option(help="Number of labeled cases (16 or 8 in the paper)")] = None,
+    unlabeled: Annotated[int | None, typer.Option(help="Number of unlabeled cases (default: all others)")] = None,
+    val_cases: Annotated[int | None, typer.Option(help="Validation cases carved from the non-labeled list")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Training iterations (paper: 6000)")] = None,
+    labeled_bs: Annotated[int | None, typer.Option(help="Labeled patches per batch")] = None,
+    unlabeled_bs: Annotated[int | None, typer.Option(help="Unlabeled patches per batch")] = None,
+    patch: Annotated[tuple[int, int, int] | None, typer.Option(help="Patch size X Y Z")] = None,
+    n_filters: Annotated[int | None, typer.Option(help="V-Net width (paper: 16)")] = None,
+    norm: Annotated[str | None, typer.Option(help="batch | instance | group | none")] = None,
+    supervision: Annotated[Supervision | None, typer.Option(help="M_d supervision")] = None,
+    k: Annotated[float | None, typer.Option(help="Sharpness of sigmoid(-k*sdm)")] = None,
+    schedule: Annotated[Schedule | None, typer.Option(help="Consistency ramp-up: released code or paper text")] = None,
+    lambda_max: Annotated[float | None, typer.Option(help="Consistency weight maximum")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate")] = None,
+    lr_step: Annotated[int | None, typer.Option(help="Iterations between x0.1 learning-rate steps")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (code: 1337)")] = None,
+    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU)")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    amp: Annotated[AmpName, typer.Option(help="Mixed precision on CUDA")] = AmpName.auto,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (-1: auto)")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in iterations")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validation interval in iterations")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Train a DTML pair and write a bundle to OUT/bundle."""
+    with _user_errors():
+        from dataclasses import replace
+
+        from dtml_deploy.io.datasets import make_split, open_source
+        from training.losses import ConsistencyConfig
+        from training.recipes import recipe as make_recipe
+        from training.trainer import Trainer
+
+        cfg = make_recipe(
+            recipe.value, labeled=labeled, unlabeled=unlabeled, val_cases=val_cases, iterations=iterations,
+            labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs, patch=tuple(patch) if patch else None,
+            n_filters=n_filters, norm=norm, supervision=supervision.value if supervision else None, k=k,
+            lr=lr, lr_step=lr_step, seed=seed, deterministic=deterministic or None, device=device,
+            amp=amp.value, workers=workers, checkpoint_every=checkpoint_every, val_every=val_every)
+        if schedule is not None or lambda_max is not None:
+            cc = cfg.consistency_cfg
+            cfg = replace(cfg, consistency_cfg=ConsistencyConfig(
+                schedule=schedule.value if schedule else cc.schedule,
+                lambda_max=lambda_max if lambda_max is not None else cc.lambda_max))
+        source = open_source(data, labels_dir=labels, list_file=case_list)
+        split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
+        result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
+        s = result.summary
+        if result.interrupted:
+            typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
+                       f"(continue with --resume)", err=True)
+            raise typer.Exit(130)
+        typer.echo(f"trained {s['iterations']} iterations in {s['wall_seconds']:.1f} s "
+                   f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders -> their NIfTI files and UA-MT <ID>/mri_norm2.h5; globs expanded."""
+    import glob
+
+    from dtml_deploy.io.volume import has_volume_suffix
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and has_volume_suffix(f))
+            files += sorted(p.glob("*/mri_norm2.h5"))
+            found.extend(files)
+        elif not p.exists() and any(c in item for c in "*?["):
+            found.extend(Path(m) for m in sorted(glob.glob(item)))
+        else:
+            found.append(p)  # missing files are reported per case
+    return found
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[str], typer.Argument(help="Scans: files (.nii, .nii.gz, .h5), folders or globs")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
+    model: ModelOpt = None,
+    backend: BackendOpt = BackendName.auto,
+    artifact: ArtifactOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    overlap: OverlapOpt = 0.5,
+    stride: StrideOpt = None,
+    batch: BatchOpt = 4,
+    blend: BlendOpt = BlendName.gaussian,
+    head: HeadOpt = HeadName.seg,
+    qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = True,
+    lcc: LccOpt = True,
+    resample: ResampleOpt = True,
+    save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = False,
+    save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = False,
+    save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
+    json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = False,
+    cuda_graphs: Annotated[bool, typer.Option(help="Replay CUDA graphs (torch backend, CUDA)")] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Segment scans with a bundle (fused sliding-window inference over both networks)."""
+    with _user_errors():
+        from dtml_deploy.runner import SegmentRequest, run_segment
+
+        req = SegmentRequest(
+            inputs=_expand_inputs(inputs), output=output, model=_bundle_path(model), backend=backend.value,
+            artifact=artifact, device=device, precision=precision.value if precision else None,
+            overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
+            head=head.value, qc=qc, lcc=lcc, resample=resample, save_prob=save_prob, save_sdm=save_sdm,
+            save_uncertainty=save_uncertainty, overwrite=overwrite, json_report=json_report,
+            compile=compile, cuda_graphs=cuda_graphs, progress=progress)
+        reports = run_segment(req)
+    failed = [r for r in reports if r.status != "ok"]
+    if not reports:
+        raise _fail("no input scans found")
+    if failed:
+        raise typer.Exit(1 if len(failed) < len(reports) else 2)
+
+
+def _case_list(source: object, cases: str) -> list[str]:
+    """A split name of splits.json, a file of ids, or comma-separated ids."""
+    splits = getattr(source, "splits", {})
+    if cases in splits:
+        return list(splits[cases])
+    if Path(cases).is_file():
+        return [ln.strip().split("/")[0] for ln in Path(cases).read_text().splitlines() if ln.strip()]
+    ids = [c.strip() for c in cases.split(",") if c.strip()]
+    known = set(getattr(source, "case_ids", ()))
+    unknown = [c for c in ids if c not in known]
+    if unknown:
+        raise ValueError(f"--cases: {unknown[0]!r} is neither a split of splits.json, a file, nor a case id")
+    return ids
+
+
+@app.command()
+def evaluate(
+    pred_dir: Annotated[Path | None, typer.Argument(help="Folder of predicted masks")] = None,
+    gt_dir: Annotated[Path | None, typer.Argument(help="Folder of labels (same case names)")] = None,
+    model: Annotated[Path | None, typer.Option(help="Segment with this bundle instead of reading masks")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data root for --model (LA2018, h5 or folder layout)")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels folder for a generic folder pair")] = None,
+    cases: Annotated[str | None, typer.Option(help="Split name in splits.json, file of ids, or id,id,...")] = None,
+    backend: BackendOpt = BackendName.auto,
+    artifact: ArtifactOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    overlap: OverlapOpt = 0.5,
+    stride: StrideOpt = None,
+    batch: BatchOpt = 4,
+    blend: BlendOpt = BlendName.gaussian,
+    head: HeadOpt = HeadName.seg,
+    lcc: LccOpt = True,
+    resample: ResampleOpt = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
+    with _user_errors():
+        from dtml_deploy.evaluate import format_table, score_folders, score_model, write_reports
+        from dtml_deploy.metrics import summarise
+
+        extra: dict[str, object] = {}
+        if model is not None or data is not None:
+            if data is None:
+                raise ValueError("--model needs --data (and usually --cases)")
+            from dtml_deploy.io.datasets import open_source
+            from dtml_deploy.runner import SegmentRequest, build_segmenter
+
+            source = open_source(data, labels_dir=labels)
+            ids = _case_list(source, cases) if cases else list(source.case_ids)
+            req = SegmentRequest(inputs=[], output=Path("."), model=_bundle_path(model), backend=backend.value,
+                                 artifact=artifact, device=device,
+                                 precision=precision.value if precision else None, overlap=overlap,
+                                 stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
+                                 head=head.value, qc=True, lcc=lcc, resample=resample)
+            segmenter = build_segmenter(req)
+            typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
+            done = []
+            rows = score_model(segmenter, [source.labeled(i) for i in ids],
+                               (lambda c: done.append(c) or typer.echo(f"  {len(done)}/{len(ids)} {c}", err=True))
+                               if progress else None)
+            extra = {"model": str(req.model), "bundle_hash": segmenter.bundle.content_hash,
+                     "backend": segmenter.backend.describe(), "cases_from": cases,
+                     "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
+                                "lcc": lcc}}
+        elif pred_dir is not None and gt_dir is not None:
+            rows = score_folders(pred_dir, gt_dir)
+        else:
+            raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
+        summary = summarise(rows)
+        typer.echo(format_table(rows, summary))
+        write_reports(rows, summary, json_out, csv_out, extra)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The sliding-window engine: window grid, blending, fused stitching, post-processing."""

@@ -1,0 +1,1 @@
+"""Image and file I/O: volumes (NIfTI, UA-MT h5) and atomic writes."""

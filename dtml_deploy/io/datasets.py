@@ -1,0 +1,162 @@
+"""Where training cases come from, and the labeled/unlabeled split.
+
+Three layouts:
+- LA2018 NIfTI: `<root>/images/<ID>.nii.gz`, `<root>/labels/<ID>.nii.gz`, `<root>/splits.json`;
+- UA-MT h5: `<root>/<ID>/mri_norm2.h5` (datasets `image`, `label`) listed in `<root>/train.list`;
+- a generic pair of folders: `--data IMAGES_DIR --labels LABELS_DIR`, matched by file name.
+
+The split returns `LabeledCase`s, which carry a label reference, and `UnlabeledCase`s, which do not:
+code holding an unlabeled case has no way to reach its label, so a semi-supervised run cannot read it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtml_deploy.errors import DataError
+from dtml_deploy.io.volume import NIFTI_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """One array on disk: a NIfTI file, or one dataset of an h5 file."""
+
+    path: Path
+    dataset: str | None = None  # h5 dataset name; None for NIfTI
+
+
+@dataclass(frozen=True)
+class LabeledCase:
+    case_id: str
+    image: ArrayRef
+    label: ArrayRef
+
+
+@dataclass(frozen=True)
+class UnlabeledCase:
+    case_id: str
+    image: ArrayRef
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data set: ordered case ids and how to find each one's image and label."""
+
+    root: Path
+    layout: str  # la2018 | h5 | folders
+    case_ids: tuple[str, ...]
+    splits: dict[str, list[str]]
+    labels_dir: Path | None = None
+    suffix: str = ".nii.gz"
+
+    def image_ref(self, case_id: str) -> ArrayRef:
+        if self.layout == "h5":
+            return ArrayRef(self.root / case_id / "mri_norm2.h5", "image")
+        folder = self.root / "images" if self.layout == "la2018" else self.root
+        return ArrayRef(folder / f"{case_id}{self.suffix}")
+
+    def _label_ref(self, case_id: str) -> ArrayRef:
+        if self.layout == "h5":
+            return ArrayRef(self.root / case_id / "mri_norm2.h5", "label")
+        folder = self.root / "labels" if self.layout == "la2018" else self.labels_dir
+        if folder is None:
+            raise DataError(f"{self.root}: no labels folder configured")
+        return ArrayRef(folder / f"{case_id}{self.suffix}")
+
+    def labeled(self, case_id: str) -> LabeledCase:
+        return LabeledCase(case_id, self.image_ref(case_id), self._label_ref(case_id))
+
+    def unlabeled(self, case_id: str) -> UnlabeledCase:
+        return UnlabeledCase(case_id, self.image_ref(case_id))
+
+
+def _read_list(path: Path) -> list[str]:
+    return [ln.strip().split("/")[0] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | None = None) -> DataSource:
+    """Detect the layout of `root` and list its cases (in list-file order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder does not exist")
+    if labels_dir is not None:
+        if not Path(labels_dir).is_dir():
+            raise DataError(f"{labels_dir}: labels folder does not exist")
+        ids = sorted(p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem
+                     for p in root.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+        if not ids:
+            raise DataError(f"{root}: no .nii/.nii.gz images found")
+        suffixes = {".nii.gz" if p.name.endswith(".nii.gz") else ".nii" for p in root.iterdir()
+                    if p.name.endswith(NIFTI_SUFFIXES)}
+        if len(suffixes) != 1:
+            raise DataError(f"{root}: mixes .nii and .nii.gz files")
+        if list_file is not None:
+            ids = _read_list(Path(list_file))
+        return DataSource(root, "folders", tuple(ids), {"train": ids}, Path(labels_dir), suffixes.pop())
+    if (root / "images").is_dir():
+        splits_path = root / "splits.json"
+        splits: dict[str, list[str]] = {}
+        if splits_path.is_file():
+            try:
+                raw = json.loads(splits_path.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"{splits_path}: not valid JSON ({e})") from None
+            splits = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
+        if list_file is not None:
+            ids = _read_list(Path(list_file))
+        elif "train" in splits:
+            ids = splits["train"]
+        else:
+            ids = sorted(p.name[: -len(".nii.gz")] for p in (root / "images").glob("*.nii.gz"))
+        if not ids:
+            raise DataError(f"{root}: no cases found in images/")
+        splits.setdefault("train", ids)
+        return DataSource(root, "la2018", tuple(ids), splits)
+    lst = Path(list_file) if list_file is not None else root / "train.list"
+    if lst.is_file():
+        ids = _read_list(lst)
+        if not ids:
+            raise DataError(f"{lst}: the case list is empty")
+        return DataSource(root, "h5", tuple(ids), {"train": ids})
+    raise DataError(f"{root}: unrecognised layout (expected images/ + labels/, <ID>/mri_norm2.h5 + "
+                    "train.list, or --labels DIR for a folder pair)")
+
+
+@dataclass(frozen=True)
+class Split:
+    labeled: tuple[LabeledCase, ...]
+    unlabeled: tuple[UnlabeledCase, ...]
+    validation: tuple[LabeledCase, ...]
+
+
+def make_split(source: DataSource, n_labeled: int, n_unlabeled: int | None, n_val: int = 0,
+               labeled_ids: Sequence[str] | None = None) -> Split:
+    """The paper's split: labeled = `labeled_<n>` of splits.json if present, else the first n cases;
+    unlabeled = the rest (or its first `n_unlabeled`); validation = the last `n_val` of the rest,
+    removed from training. Validation labels are read only for validation."""
+    ids = list(source.case_ids)
+    if labeled_ids is None:
+        named = source.splits.get(f"labeled_{n_labeled}")
+        labeled_ids = named if named is not None else ids[:n_labeled]
+    labeled_ids = list(labeled_ids)
+    if not labeled_ids:
+        raise DataError("the labeled list is empty: every recipe needs at least one labeled case")
+    unknown = [i for i in labeled_ids if i not in ids]
+    if unknown:
+        raise DataError(f"labeled cases not in the data set: {unknown[:5]}")
+    rest = [i for i in ids if i not in set(labeled_ids)]
+    if n_val:
+        if n_val > len(rest):
+            raise DataError(f"cannot carve {n_val} validation cases from {len(rest)} non-labeled cases")
+        val_ids, rest = rest[len(rest) - n_val:], rest[: len(rest) - n_val]
+    else:
+        val_ids = []
+    unl_ids = rest if n_unlabeled is None else rest[:n_unlabeled]
+    if n_unlabeled is not None and len(unl_ids) < n_unlabeled:
+        raise DataError(f"asked for {n_unlabeled} unlabeled cases, only {len(rest)} available")
+    return Split(tuple(source.labeled(i) for i in labeled_ids),
+                 tuple(source.unlabeled(i) for i in unl_ids),
+                 tuple(source.labeled(i) for i in val_ids))

@@ -1,0 +1,137 @@
+"""Reading scans and writing results on exactly the input grid.
+
+Formats, picked by extension: NIfTI (`.nii`, `.nii.gz`, through nibabel) and the UA-MT h5 layout
+(`.h5` with an `image` dataset, no geometry: spacing comes from the caller, identity orientation).
+Every failure is an `InputError` whose message names the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtml_deploy.errors import InputError
+from dtml_deploy.io.atomic import atomic_path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+H5_SUFFIXES = (".h5",)
+SUFFIXES = NIFTI_SUFFIXES + H5_SUFFIXES
+
+
+def has_volume_suffix(path: Path) -> bool:
+    """True for a file name this module can read."""
+    return str(path).lower().endswith(SUFFIXES)
+
+
+@dataclass
+class Volume:
+    """A 3D scan as float32 (X, Y, Z) plus the geometry needed to write results back on its grid."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    path: Path
+    header: Any = None  # nibabel header of the source, None for h5
+    source_shape: tuple[int, ...] = field(default=())  # shape on disk (e.g. X, Y, Z, 1)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def _check_array(data: np.ndarray, path: Path, what: str = "image") -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: expected a 3D {what}, got shape {tuple(data.shape)}")
+    if min(data.shape) < 1:
+        raise InputError(f"{path}: {what} has an empty axis, shape {tuple(data.shape)}")
+    return data
+
+
+def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                dataset: str = "image", check_finite: bool = True) -> Volume:
+    """Read a 3D volume as float32; `dataset` selects the h5 dataset (`image` or `label`)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        vol = _read_nifti(path)
+    elif name.endswith(H5_SUFFIXES):
+        vol = _read_h5(path, dataset, default_spacing)
+    else:
+        raise InputError(f"{path}: unknown extension (expected one of {', '.join(SUFFIXES)})")
+    if check_finite and not np.isfinite(vol.array).all():
+        n = int((~np.isfinite(vol.array)).sum())
+        raise InputError(f"{path}: {n} voxels are NaN or infinite")
+    return vol
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as e:  # nibabel raises many types for truncated/corrupt files
+        raise InputError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:120]})") from None
+    source_shape = tuple(data.shape)
+    data = _check_array(data, path)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Volume(np.ascontiguousarray(data), spacing, img.affine.copy(), path, img.header, source_shape)
+
+
+def _read_h5(path: Path, dataset: str, spacing: tuple[float, float, float]) -> Volume:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if dataset not in f:
+                raise InputError(f"{path}: no '{dataset}' dataset (has: {', '.join(f.keys())})")
+            data = np.asarray(f[dataset][()], dtype=np.float32)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: cannot read h5 ({type(e).__name__}: {str(e)[:120]})") from None
+    source_shape = tuple(data.shape)
+    data = _check_array(data, path)
+    return Volume(np.ascontiguousarray(data), tuple(spacing), np.diag([*spacing, 1.0]), path, None, source_shape)
+
+
+def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint8) -> Path:
+    """Write `array` as NIfTI on `ref`'s grid: same shape, affine, qform/sform and their codes.
+
+    The write is atomic and refuses to replace `ref`'s own file.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if path.resolve() == ref.path.resolve():
+        raise InputError(f"{path}: refusing to overwrite the input scan")
+    if tuple(array.shape[:3]) != ref.shape:
+        raise ValueError(f"array shape {array.shape} does not match the reference grid {ref.shape}")
+    out = np.asarray(array, dtype=dtype)
+    if ref.source_shape and len(ref.source_shape) == 4 and out.ndim == 3:
+        out = out[..., None]
+    if ref.header is not None:
+        hdr = ref.header.copy()
+        hdr.set_data_dtype(dtype)
+        img = nib.Nifti1Image(out, ref.affine, header=hdr)
+        img.set_qform(ref.header.get_qform(), code=int(ref.header["qform_code"]))
+        img.set_sform(ref.header.get_sform(), code=int(ref.header["sform_code"]))
+    else:
+        img = nib.Nifti1Image(out, ref.affine)
+        img.set_qform(ref.affine, code=1)
+        img.set_sform(ref.affine, code=1)
+    img.header.set_slope_inter(1.0, 0.0) if dtype is not np.uint8 else img.header.set_slope_inter(None, None)
+    if not str(path).lower().endswith(NIFTI_SUFFIXES):
+        raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path

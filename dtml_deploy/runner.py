@@ -1,0 +1,111 @@
+"""The core of `dtml segment`: a typed request in, per-case reports out."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dtml_deploy.backends.base import BackendOptions, create_backend, resolve_device
+from dtml_deploy.bundle import Bundle
+from dtml_deploy.engine.grid import GridSpec
+from dtml_deploy.engine.sliding import EngineConfig
+from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    inputs: list[Path]
+    output: Path
+    model: Path
+    backend: str = "auto"
+    artifact: Path | None = None
+    device: str = "auto"
+    precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    overlap: float = 0.5
+    stride: tuple[int, int, int] | None = None
+    batch: int = 4
+    blend: str = "gaussian"
+    head: str = "seg"
+    qc: bool = True
+    lcc: bool = True
+    resample: bool = True
+    save_prob: bool = False
+    save_sdm: bool = False
+    save_uncertainty: bool = False
+    overwrite: bool = False
+    json_report: Path | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def default_precision(device: str) -> str:
+    return "fp16" if resolve_device(device).type == "cuda" else "fp32"
+
+
+def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
+    trained = (bundle.meta.get("training") or {}).get("trained", ["seg", "dis"])
+    both = "seg" in trained and "dis" in trained
+    head = req.head
+    if not both and head != ("seg" if "seg" in trained else "sdm"):
+        raise ValueError(f"this bundle trained only {trained}; --head {head} needs the other network")
+    return EngineConfig(
+        grid=GridSpec(overlap=req.overlap, stride=req.stride), blend=req.blend, head=head,  # type: ignore[arg-type]
+        qc=req.qc and both, keep_prob=req.save_prob, keep_sdm=req.save_sdm,
+        keep_uncertainty=req.save_uncertainty and both)
+
+
+def build_segmenter(req: SegmentRequest) -> Segmenter:
+    """Load the bundle, create the backend and bind them with the engine options of `req`."""
+    bundle = Bundle.load(req.model)
+    engine = engine_config(req, bundle)
+    precision = req.precision or default_precision(req.device)
+    options = BackendOptions(device=req.device, precision=precision, batch=req.batch,  # type: ignore[arg-type]
+                             compile=req.compile, cuda_graphs=req.cuda_graphs, artifact=req.artifact)
+    backend = create_backend(req.backend, bundle, options, engine.channels)
+    return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample))
+
+
+def run_segment(req: SegmentRequest) -> list[CaseReport]:
+    """Segment every input; a failing case becomes a 'failed' report and the rest go on."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    segmenter = build_segmenter(req)
+    bundle, backend = segmenter.bundle, segmenter.backend
+    err.print(f"dtml: {len(req.inputs)} scan(s) with {backend.describe()}", highlight=False)
+    names = [case_name(p) for p in req.inputs]
+    dupes = {n for n in names if names.count(n) > 1}
+    reports: list[CaseReport] = []
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                  TimeElapsedColumn(), console=err, disable=not req.progress, transient=True) as bar:
+        for path, name in zip(req.inputs, names):
+            if name in dupes:
+                rep = CaseReport(input=str(path), status="failed",
+                                 error=f"{path}: another input has the same case name '{name}'")
+            else:
+                task = bar.add_task(name, total=None)
+                rep = segmenter.segment_file(path, req.output, req.overwrite,
+                                             lambda d, n, t=task: bar.update(t, completed=d, total=n))
+                bar.remove_task(task)
+            reports.append(rep)
+            if rep.status == "ok":
+                s = sum(rep.seconds.values())
+                agree = f", head agreement {rep.agreement:.3f}" if rep.agreement is not None else ""
+                err.print(f"  {name}: {rep.output} ({rep.windows} windows, {s:.2f} s{agree})", highlight=False)
+            else:
+                print(f"error: {rep.error}", file=sys.stderr)
+    if req.json_report is not None:
+        report = {"backend": backend.describe(), "model": str(req.model), "bundle_hash": bundle.content_hash,
+                  "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
+                             "batch": req.batch, "lcc": req.lcc},
+                  "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
+        atomic_write_text(req.json_report, json.dumps(report, indent=2) + "\n")
+    return reports

@@ -1,0 +1,1 @@
+"""Training code for DTML: data pipeline, losses, loops."""

@@ -1,0 +1,1 @@
+"""Training data: case sources, caching, sampling, augmentation and targets."""

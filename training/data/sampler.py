@@ -1,0 +1,53 @@
+"""The two-stream batch sampler: `labeled_bs` labeled + `unlabeled_bs` unlabeled cases per batch.
+
+Labeled cases are reshuffled every pass (a pass is len(labeled) // labeled_bs batches, as UA-MT's
+TwoStreamBatchSampler); unlabeled cases cycle through their own permutations independently.
+The batch of iteration t is a pure function of (seed, rank, t), and so is each sample's augmentation
+seed: resuming at iteration t needs no sampler or worker state, and results do not depend on the
+number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+Key = tuple[int, int]  # (dataset index, augmentation seed)
+
+
+def _perm(seed: int, rank: int, stream: int, n_pass: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, rank, stream, n_pass]).permutation(n)
+
+
+class TwoStreamSampler:
+    """Yields, for iterations start..stop-1, a list of keys: labeled first, then unlabeled."""
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, labeled_bs: int, unlabeled_bs: int,
+                 seed: int, start: int, stop: int, rank: int = 0) -> None:
+        if n_labeled < labeled_bs or labeled_bs < 1:
+            raise ValueError(f"need at least labeled_bs={labeled_bs} >= 1 labeled cases, have {n_labeled}")
+        if unlabeled_bs and n_unlabeled < 1:
+            raise ValueError("unlabeled_bs > 0 but there are no unlabeled cases")
+        self.n_l, self.n_u = n_labeled, n_unlabeled
+        self.l_bs, self.u_bs = labeled_bs, unlabeled_bs
+        self.seed, self.rank = seed, rank
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def batch(self, t: int) -> list[Key]:
+        per_pass = self.n_l // self.l_bs
+        p, pos = divmod(t, per_pass)
+        lab = _perm(self.seed, self.rank, 0, p, self.n_l)[pos * self.l_bs:(pos + 1) * self.l_bs]
+        idx = [int(i) for i in lab]
+        for j in range(self.u_bs):
+            q, r = divmod(t * self.u_bs + j, self.n_u)
+            idx.append(self.n_l + int(_perm(self.seed, self.rank, 1, q, self.n_u)[r]))
+        seeds = np.random.SeedSequence([self.seed, self.rank, 2, t]).generate_state(len(idx))
+        return [(i, int(s)) for i, s in zip(idx, seeds)]
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        for t in range(self.start, self.stop):
+            yield self.batch(t)

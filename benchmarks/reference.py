@@ -1,7 +1,8 @@
 """A plain re-implementation of the paper's test loop (UA-MT/DTC/DTML `test_single_case`).
 
 One window per forward, fp32, scores accumulated in numpy on the host, divided by a count map, then
-thresholded at 0.5. Kept deliberately naive: it is the correctness reference for the fused engine and
+thresholded at 0.5. The networks run wherever their weights are (CPU or a GPU, as the paper's code).
+Kept deliberately naive: it is the correctness reference for the fused engine and
 the speed baseline of benchmarks/segment_speed.py. `heads` picks which maps it stitches.
 """
 
@@ -20,6 +21,7 @@ def reference_sliding_window(net: DualTaskNet, image: np.ndarray, patch: tuple[i
                              heads: tuple[str, ...] = ("p_seg",)) -> dict[str, np.ndarray]:
     """Stitched maps (`p_seg`, `p_dis`, `sdm`) of a normalised volume, on the input grid."""
     net.eval()
+    device = next(net.parameters()).device
     w, h, d = image.shape
     pads = [max(p - s, 0) for p, s in zip(patch, image.shape)]
     lo = [p // 2 for p in pads]
@@ -38,7 +40,7 @@ def reference_sliding_window(net: DualTaskNet, image: np.ndarray, patch: tuple[i
             for z in range(sz):
                 zs = min(stride[2] * z, dd - patch[2])
                 tile = image[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]]
-                t = torch.from_numpy(np.ascontiguousarray(tile, dtype=np.float32))[None, None]
+                t = torch.from_numpy(np.ascontiguousarray(tile, dtype=np.float32))[None, None].to(device)
                 with torch.no_grad():
                     maps = {}
                     if "p_seg" in heads:
@@ -47,7 +49,7 @@ def reference_sliding_window(net: DualTaskNet, image: np.ndarray, patch: tuple[i
                         sdm = torch.tanh(net.dis(t))
                         maps["sdm"], maps["p_dis"] = sdm, sdm_to_mask(sdm, net.k)
                 for k in heads:
-                    score[k][xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += maps[k][0, 0].numpy()
+                    score[k][xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += maps[k][0, 0].cpu().numpy()
                 cnt[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += 1
     crop = tuple(slice(lo[i], lo[i] + s) for i, s in enumerate((w, h, d)))
     return {k: (v / cnt)[crop] for k, v in score.items()}

@@ -28,7 +28,7 @@ class TrainLogger:
         self.path = path
         self.flush_every = flush_every
         self._pending: list[tuple[int, dict[str, torch.Tensor], dict[str, float]]] = []
-        self._t_last = time.perf_counter()
+        self._t0 = self._t_last = time.perf_counter()
         self._it_last = start
         self.last: dict[str, Any] = {}
         self.rate = 0.0
@@ -64,7 +64,7 @@ class TrainLogger:
         lines = []
         for (it, _, scalars), vals in zip(self._pending, values):
             row = {"iteration": it, **{f"loss_{k}" if k != "total" else "loss": v for k, v in zip(keys, vals)},
-                   **scalars, "it_per_s": round(self.rate, 3)}
+                   **scalars, "it_per_s": round(self.rate, 3), "elapsed_s": round(now - self._t0, 3)}
             lines.append(json.dumps(row))
             self.last = row
         if self.path is not None:

@@ -115,13 +115,14 @@ class Trainer:
     """Runs one configured training to a bundle; resumable and interruptible."""
 
     def __init__(self, cfg: TrainConfig, split: Split, out: Path, resume: bool = False,
-                 show_progress: bool = True, stop_at: int | None = None) -> None:
+                 show_progress: bool = True, stop_at: int | None = None, log_flush_every: int = 25) -> None:
         self.cfg = cfg
         self.split = split
         self.paths = RunPaths(Path(out))
         self.resume = resume
         self.show_progress = show_progress
         self.stop_at = stop_at  # stop (with a checkpoint) after this many iterations; for tests
+        self.log_flush_every = log_flush_every
         self._stop_signal: int | None = None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -151,6 +152,9 @@ class Trainer:
         if cfg.deterministic and device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+        # Fail on an impossible batch composition before spending time on loading.
+        TwoStreamSampler(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs, cfg.unlabeled_bs,
+                         cfg.seed, 0, 0)
         t_load = time.perf_counter()
         cache: VolumeCache = load_training_volumes(self.split)
         data_fp = fingerprint(self.split)
@@ -192,15 +196,18 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         objective = Objective(cfg)
         with_sdm = "dis" in cfg.supervision and cfg.train_dis
-        sampler = TwoStreamSampler(cache.n_labeled, len(cache.images) - cache.n_labeled, cfg.labeled_bs,
+        sampler = TwoStreamSampler(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs,
                                    cfg.unlabeled_bs, cfg.seed, start, cfg.iterations, dist_info.rank)
         workers = _auto_workers(cfg, device)
         loader = DataLoader(PatchDataset(cache, cfg.patch, with_sdm), batch_sampler=sampler,
                             num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                            prefetch_factor=4 if workers else None, persistent_workers=False)
+                            prefetch_factor=4 if workers else None, persistent_workers=False,
+                            # its own generator: creating the iterator must not draw from the global RNG that
+                            # dropout uses, or a resumed run would see different dropout masks
+                            generator=torch.Generator().manual_seed(cfg.seed))
         paths.out.mkdir(parents=True, exist_ok=True)
         logger = TrainLogger(paths.log if dist_info.is_main else None, start, cfg.iterations,
-                             self.show_progress and dist_info.is_main)
+                             self.show_progress and dist_info.is_main, self.log_flush_every)
         is_main_thread = threading.current_thread() is threading.main_thread()
         old_handlers = {}
         if is_main_thread:

@@ -49,6 +49,10 @@ class TorchBackend(Backend):
             raise BackendUnavailable("fp16 is not supported on the CPU; use --precision fp32 or bf16")
         if options.cuda_graphs and self.device.type != "cuda":
             raise BackendUnavailable("CUDA graphs need --device cuda")
+        if self.device.type == "cuda":
+            # cuDNN's default heuristics pick slow kernels for these 3D convolutions; autotuning once per
+            # shape pays back within one volume. PyTorch offers this switch only process-wide.
+            torch.backends.cudnn.benchmark = True
         net = bundle.build()
         if options.fold_bn:
             net = fold_batchnorm(net)

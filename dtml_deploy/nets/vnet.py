@@ -81,6 +81,7 @@ class VNet(nn.Module):
         self.block_nine = ConvBlock(1, f, f, n)
         self.out_conv = nn.Conv3d(f, out_channels, 1)
         self.dropout = nn.Dropout3d(p=cfg.dropout)
+        self.use_dropout: bool = cfg.dropout > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.block_one(x)
@@ -88,13 +89,13 @@ class VNet(nn.Module):
         x3 = self.block_three(self.block_two_dw(x2))
         x4 = self.block_four(self.block_three_dw(x3))
         x5 = self.block_five(self.block_four_dw(x4))
-        if self.cfg.dropout > 0:
+        if self.use_dropout:
             x5 = self.dropout(x5)  # identity in eval mode
         x = self.block_six(self.block_five_up(x5) + x4)
         x = self.block_seven(self.block_six_up(x) + x3)
         x = self.block_eight(self.block_seven_up(x) + x2)
         x = self.block_nine(self.block_eight_up(x) + x1)
-        if self.cfg.dropout > 0:
+        if self.use_dropout:
             x = self.dropout(x)
         return self.out_conv(x)
 

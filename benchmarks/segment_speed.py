@@ -1,0 +1,197 @@
+"""Whole-volume segmentation speed: the paper's loop, MONAI and dtml's engine on the same networks.
+
+Two comparisons, each measured side by side in one run:
+  A. the paper's window grid (stride 18, 18, 4) on an LA-sized volume: the paper's test loop
+     (benchmarks/reference.py: one window per forward, fp32, host accumulation) vs dtml's engine;
+  B. overlap 0.5 on a large volume (576 x 576 x 88 by default): MONAI's sliding_window_inference
+     (fp16 autocast, sw_batch 8, both networks) vs dtml's engine (CUDA only by default: on the CPU
+     MONAI's run alone takes minutes; pass --large to force it).
+Every row runs BOTH networks (p_seg and p_dis). Times are wall seconds including stitching, median of
+--repeats runs after a warm-up. Throughput = voxels of the volume / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import find_data, machine, table
+from reference import reference_sliding_window
+
+from dtml_deploy.backends.base import BackendOptions, create_backend
+from dtml_deploy.bundle import Bundle
+from dtml_deploy.config import ModelConfig, NetConfig
+from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec
+from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
+from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (cudnn autotuning, graph capture, compilation)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def random_bundle(n_filters: int, seed: int = 0) -> Bundle:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(net=NetConfig(n_filters=n_filters))
+    net = DualTaskNet(cfg.net, k=cfg.k)
+    for m in net.modules():  # non-trivial BatchNorm statistics, so folding does real work
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.8, 1.2)
+    return Bundle.from_net(net.eval(), cfg)
+
+
+def engine_fn(bundle: Bundle, volume: np.ndarray, grid: GridSpec, blend: str, **opts: object) -> Callable[[], object]:
+    backend = create_backend(str(opts.pop("backend", "torch")), bundle, BackendOptions(**opts),  # type: ignore[arg-type]
+                             ("p_seg", "p_dis"))
+    engine = SlidingWindowEngine(backend, bundle.model.patch_size,
+                                 EngineConfig(grid=grid, blend=blend, head="seg", qc=True))  # type: ignore[arg-type]
+    return lambda: engine.run(volume)
+
+
+def monai_fn(net: DualTaskNet, volume: np.ndarray, device: torch.device, precision: str) -> Callable[[], object] | None:
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        return None
+    net = net.to(device).eval()
+    x = torch.from_numpy(volume)[None, None].to(device)
+
+    def predictor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(net.seg(t).float()), sdm_to_mask(torch.tanh(net.dis(t).float()), net.k)
+
+    def run() -> object:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
+                                                    enabled=precision == "fp16" and device.type == "cuda"):
+            p_seg, _ = sliding_window_inference(x, (112, 112, 80), 8, predictor, overlap=0.5)
+        return (p_seg > 0.5).cpu()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-filters", type=int, default=16)
+    ap.add_argument("--small", type=int, nargs=3, default=(144, 128, 88), help="volume of comparison A")
+    ap.add_argument("--large", type=int, nargs=3, default=None, help="volume of comparison B (CUDA default 576 576 88)")
+    ap.add_argument("--real-case", action="store_true", help="use a real LA image for comparison A")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="engine batch sizes to try")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    repeats = args.repeats or (5 if cuda else 1)
+    bundle = random_bundle(args.n_filters)
+    net = bundle.build()
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal(tuple(args.small)).astype(np.float32)
+    if args.real_case and find_data() is not None:
+        import nibabel as nib
+
+        data = find_data()
+        img_path = sorted((data / "images").glob("*.nii.gz"))[0]
+        small = np.asarray(nib.load(str(img_path)).get_fdata(dtype=np.float32))
+    rows: list[dict] = []
+
+    def row(section: str, name: str, vol: np.ndarray, grid: GridSpec, seconds: float) -> dict:
+        from dtml_deploy.engine.grid import window_starts
+
+        n = len(window_starts(vol.shape, (112, 112, 80), grid))
+        r = {"section": section, "method": name, "volume": "x".join(map(str, vol.shape)), "windows": n,
+             "seconds": seconds, "windows/s": n / seconds, "Mvox/s": vol.size / seconds / 1e6}
+        rows.append(r)
+        print(f"  {section} {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        return r
+
+    # A: paper grid, reference loop vs engine (fp32 both; plus the engine's fast settings)
+    paper = GridSpec(stride=PAPER_STRIDE)
+    ref_net = net.to(dev)
+
+    def ref() -> object:
+        return reference_sliding_window(ref_net, small, (112, 112, 80), PAPER_STRIDE, heads=("p_seg", "p_dis"))
+
+    ref_s = row("A", "paper loop (fp32, 1 window/forward, host accumulation)", small, paper, timed(ref, repeats))
+    batches = args.batch or ([8, 16] if cuda else [2])
+    variants = [("fp32", dict(precision="fp32"))]
+    if cuda:
+        variants += [("fp16", dict(precision="fp16")), ("fp16 + CUDA graphs", dict(precision="fp16", cuda_graphs=True)),
+                     ("bf16 + CUDA graphs", dict(precision="bf16", cuda_graphs=True))]
+        if args.compile:
+            variants.append(("fp16 + compile", dict(precision="fp16", compile=True)))
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+            variants.append(("onnxruntime fp32", dict(precision="fp32", backend="onnx")))
+        except ImportError:
+            pass
+    for b in batches:
+        for label, opts in variants:
+            opts = dict(opts)
+            if opts.get("backend") == "onnx":
+                opts["artifact"] = _onnx_artifact(bundle)
+            fn = engine_fn(bundle, small, paper, "constant", device=str(dev), batch=b, **opts)
+            r = row("A", f"dtml engine {label}, batch {b}", small, paper, timed(fn, repeats))
+            r["vs paper loop"] = ref_s["seconds"] / r["seconds"]
+
+    # B: overlap 0.5 on a large volume, MONAI vs engine
+    large = tuple(args.large) if args.large else ((576, 576, 88) if cuda else None)
+    if large is not None:
+        vol = rng.standard_normal(large).astype(np.float32)
+        half = GridSpec(overlap=0.5)
+        mfn = monai_fn(net, vol, dev, "fp16" if cuda else "fp32")
+        mon_s = None
+        if mfn is not None:
+            mon_s = row("B", f"MONAI sliding_window_inference ({'fp16 autocast' if cuda else 'fp32'}, sw_batch 8)",
+                        vol, half, timed(mfn, repeats))["seconds"]
+        for b in batches:
+            for label, opts in variants:
+                if opts.get("backend") == "onnx":
+                    continue
+                fn = engine_fn(bundle, vol, half, "constant", device=str(dev), batch=b, **dict(opts))
+                r = row("B", f"dtml engine {label}, batch {b}", vol, half, timed(fn, repeats))
+                if mon_s:
+                    r["vs MONAI"] = mon_s / r["seconds"]
+    print(f"# segment_speed: both networks (n_filters {args.n_filters}, patch 112x112x80), median of {repeats}")
+    print(f"# machine: {machine()}")
+    print(table(rows, ["section", "method", "volume", "windows", "seconds", "windows/s", "Mvox/s",
+                       "vs paper loop", "vs MONAI"]))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+
+
+def _onnx_artifact(bundle: Bundle) -> Path:
+    import tempfile
+
+    from export.onnx_export import export_onnx
+
+    path = Path(tempfile.mkdtemp()) / "dtml-fp32.onnx"
+    export_onnx(bundle, path, precision="fp32")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the paper's DTML row on LA2018 on one GPU (issue 6). Device call 2 of 2, about 7 minutes
 # on an H200 (training alone must fit one 10-minute call):
-#   carry: [".devdata/partB", ".whl"]   (part A was staged to /tmp/la by gpu_checks.sh on the same warm
+#   carry: [".devdata/partB"]   (part A and the wheels were staged to /tmp/la by gpu_checks.sh on the same warm
 #   machine; stage_data.sh explains the split: 64 MiB travel per call, the images take ~116 MB)
 # Steps: train the `dtml` recipe (16 labeled / 64 unlabeled, 6000 iterations, the paper's settings);
 # evaluate the final checkpoint (no checkpoint picking) on the labels of the 64 unlabeled training cases
@@ -42,19 +42,18 @@ b.save(sys.argv[2], dtype="float16")
 print("bundle fp32 hash", b.content_hash, "-> fp16 copy", Bundle.load(sys.argv[2]).content_hash)
 PY
 echo "## evaluate: paper protocol on the 64 unlabeled training cases (labels never read in training)"
+dtml evaluate --model "$RUN/bundle" --data "$DATA" --cases "$CASES" --stride 18 18 4 --blend constant \
+  --precision fp32 --device "$DEVICE" --batch 8 --head seg --no-progress \
+  --json "$RES/eval_paper_seg.json" --csv "$RES/eval_paper_seg.csv" 2>&1 | tail -2
+echo "## evaluate: dtml default pipeline (overlap 0.5, Gaussian, fp16, fp16 weights of the shipped bundle)"
 for head in seg sdm mean; do
-  dtml evaluate --model "$RUN/bundle" --data "$DATA" --cases "$CASES" --stride 18 18 4 --blend constant \
-    --precision fp32 --device "$DEVICE" --batch 8 --head $head --no-progress \
-    --json "$RES/eval_paper_$head.json" --csv "$RES/eval_paper_$head.csv" 2>&1 | tail -2
+  dtml evaluate --model "$OUT/bundle" --data "$DATA" --cases "$CASES" --device "$DEVICE" --batch 8 --head $head \
+    --no-progress --json "$RES/eval_default_$head.json" 2>&1 | tail -1
 done
-echo "## evaluate: dtml default pipeline (overlap 0.5, Gaussian, fp16 weights of the shipped bundle)"
-dtml evaluate --model "$OUT/bundle" --data "$DATA" --cases "$CASES" --device "$DEVICE" --batch 8 --no-progress \
-  --json "$RES/eval_default.json" 2>&1 | tail -2
 echo "elapsed: $((SECONDS - start)) s"
-if [ -z "${SKIP_BENCH:-}" ] && [ $((SECONDS - start)) -lt 420 ]; then
-  echo "## segment a real case end to end with the CLI"
-  mkdir -p "$RES/seg"
-  dtml segment "$DATA/images/$(python3 -c "import json;print(json.load(open('$DATA/splits.json'))['unlabeled_16'][0])").nii.gz" \
-    -o /tmp/seg_out --model "$OUT/bundle" --device "$DEVICE" --json "$RES/segment_report.json" --no-progress --overwrite 2>&1 | tail -3
+if [ -z "${SKIP_BENCH:-}" ]; then
+  echo "## segment speed (paper loop, MONAI, dtml engine; random-weight networks of the paper's size)"
+  timeout $(( 570 - SECONDS + start > 30 ? 570 - SECONDS + start : 30 )) python3 benchmarks/segment_speed.py \
+    --json "$RES/segment_speed.json" 2>&1 | tail -22 | tee "$RES/segment_speed.txt"
 fi
 echo "total: $((SECONDS - start)) s"

@@ -33,6 +33,7 @@ class BackendOptions:
     fold_bn: bool = True  # torch: BatchNorm folded into the convolutions
     compile: bool = False  # torch: torch.compile the pair
     cuda_graphs: bool = False  # torch: replay a captured CUDA graph per batch
+    cudnn_fusion: bool = False  # torch, CUDA: conv + ReLU as one cuDNN call
     artifact: Path | None = None  # onnx/trt: a prebuilt .onnx / .engine (else looked up or exported)
 
     def __post_init__(self) -> None:
@@ -112,10 +113,9 @@ def create_backend(name: str, bundle: Bundle, options: BackendOptions,
 
 
 def _auto_choice(options: BackendOptions) -> str:
+    """TensorRT on a GPU when it imports, else torch. On the CPU torch with channels_last_3d runs
+    level with onnxruntime's CPU provider (benchmarks/backend_speed.py), so torch needs no export."""
     dev = resolve_device(options.device)
-    if dev.type == "cuda":
-        return "trt" if _backend_class("trt").is_available() else "torch"  # type: ignore[attr-defined]
-    # On CPU onnxruntime beats eager torch (see benchmarks/backend_speed.py); fp32 only.
-    if options.precision == "fp32" and _backend_class("onnx").is_available():  # type: ignore[attr-defined]
-        return "onnx"
+    if dev.type == "cuda" and options.artifact is not None and _backend_class("trt").is_available():  # type: ignore[attr-defined]
+        return "trt"
     return "torch"

@@ -10,7 +10,7 @@ from dtml_deploy.backends.base import Backend, BackendOptions
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
-from dtml_deploy.nets.fold import fold_batchnorm
+from dtml_deploy.nets.fold import fold_batchnorm, fuse_conv_relu
 
 _DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,6 +56,10 @@ class TorchBackend(Backend):
         net = bundle.build()
         if options.fold_bn:
             net = fold_batchnorm(net)
+        if options.cudnn_fusion:
+            if self.device.type != "cuda":
+                raise BackendUnavailable("cuDNN conv+ReLU fusion needs --device cuda")
+            net = fuse_conv_relu(net)
         self._dtype = _DTYPE[options.precision]
         self._memory_format = torch.channels_last_3d if options.channels_last else torch.contiguous_format
         model = InferencePair(net, self.outputs).to(self.device, self._dtype).eval()
@@ -101,5 +105,6 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         extras = [s for s, on in (("channels_last_3d", self.options.channels_last),
                                   ("BN folded", self.options.fold_bn), ("compiled", self.options.compile),
+                                  ("cuDNN conv+ReLU", self.options.cudnn_fusion),
                                   ("CUDA graphs", self.options.cuda_graphs)) if on]
         return f"torch on {self.device} ({self.options.precision}, batch {self.options.batch}, {', '.join(extras)})"

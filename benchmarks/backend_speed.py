@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--fp16-onnx", action="store_true", help="also time the fp16 ONNX graph on the CPU")
     ap.add_argument("--bf16", action="store_true", help="also time torch bf16 on the CPU (not fp32: context only)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (on a CUDA machine)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows and the table as JSON")
     args = ap.parse_args()
     patch = tuple(args.patch)
     threads = torch.get_num_threads()
@@ -174,7 +175,13 @@ def main() -> None:
     print(f"pair n_filters={args.n_filters}, patch {patch}, batch {args.batch}, outputs {OUTPUTS}, "
           f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
           f"{gflop:.1f} GFLOP per window (convolutions of both networks)\n")
-    print(table(out, ["backend", "ms / window", "min ms / window", "GFLOP/s", "vs " + base]))
+    md = table(out, ["backend", "ms / window", "min ms / window", "GFLOP/s", "vs " + base])
+    print(md)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps({"machine": f"{machine()}; batch {args.batch}, n_filters {args.n_filters}",
+                                         "markdown": md, "rows": out}, indent=2) + "\n")
     if "onnxruntime fp32 (CPU EP)" in rows:
         best_torch = min(ms(n) for n in rows if n.startswith("torch fp32 (") and "CUDA" not in n)
         ratio = best_torch / ms("onnxruntime fp32 (CPU EP)")

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=default_data(),
                         help="data root holding LA2018/ (default: $DTML_DATA or ../shared/data)")
     parser.add_argument("--cases", type=int, default=10, help="number of labels to time (default 10)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the totals as JSON")
     args = parser.parse_args(argv)
     if args.cases < 1:
         parser.error("--cases must be >= 1")
@@ -98,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"total over {len(files)} cases: medpy {total_medpy:.3f} s, case_metrics {total_ours:.3f} s, "
           f"speedup {total_medpy / total_ours:.1f}x; values identical: {mismatches == 0}")
+    if args.json:
+        import json
+        import platform
+
+        md = ("| cases | medpy dc+jc+hd95+asd (s) | dtml case_metrics (s) | speed-up | values identical |\n"
+              "|---|---|---|---|---|\n"
+              f"| {len(files)} LA labels vs perturbed predictions | {total_medpy:.3f} | {total_ours:.3f} | "
+              f"{total_medpy / total_ours:.1f}x | {mismatches == 0} |")
+        args.json.write_text(json.dumps({"machine": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+                                         "markdown": md, "medpy_s": total_medpy, "ours_s": total_ours}, indent=2))
     return 1 if mismatches else 0
 
 

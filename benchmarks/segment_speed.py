@@ -40,8 +40,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (cudnn autotuning, graph capture, compilation)
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):  # cudnn autotuning, graph capture, compilation
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, nargs=3, default=None, help="volume of comparison B (CUDA default 576 576 88)")
     ap.add_argument("--real-case", action="store_true", help="use a real LA image for comparison A")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs before each row (0: time the first run)")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="engine batch sizes to try")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build)")
     ap.add_argument("--json", type=Path, default=None)
@@ -144,7 +146,8 @@ def main() -> None:
         ref_out.update(reference_sliding_window(ref_net, small, (112, 112, 80), PAPER_STRIDE, heads=("p_seg", "p_dis")))
         return ref_out
 
-    ref_s = row("A", "paper loop (fp32, 1 window/forward, host accumulation)", small, paper, timed(ref, repeats))
+    ref_s = row("A", "paper loop (fp32, 1 window/forward, host accumulation)", small, paper,
+                timed(ref, repeats, args.warmup))
     batches = args.batch or ([8, 16] if cuda else [2])
     b0 = batches[0]
     variants: list[tuple[str, dict, int]] = [("fp32", dict(precision="fp32"), b0)]
@@ -158,6 +161,8 @@ def main() -> None:
         if args.compile:
             variants.append(("fp16 + compile", dict(precision="fp16", compile=True), b0))
     else:
+        # bf16 convolutions run on AVX512-BF16/AMX CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids)
+        variants.append(("bf16", dict(precision="bf16"), b0))
         try:
             import onnxruntime  # noqa: F401
 
@@ -172,7 +177,7 @@ def main() -> None:
         out: dict = {}
         try:
             fn = engine_fn(bundle, small, paper, "constant", out, device=str(dev), batch=b, **opts)
-            r = row("A", f"dtml engine {label}, batch {b}", small, paper, timed(fn, repeats))
+            r = row("A", f"dtml engine {label}, batch {b}", small, paper, timed(fn, repeats, args.warmup))
         except Exception as e:  # a variant that fails on this machine becomes a row, not a crash
             rows.append({"section": "A", "method": f"dtml engine {label}, batch {b}", "error": str(e)[:80]})
             continue
@@ -188,7 +193,7 @@ def main() -> None:
         mon_s = None
         if mfn is not None:
             mon_s = row("B", f"MONAI sliding_window_inference ({'fp16 autocast' if cuda else 'fp32'}, sw_batch 8)",
-                        vol, half, timed(mfn, repeats))["seconds"]
+                        vol, half, timed(mfn, repeats, args.warmup))["seconds"]
         base_prob = None
         for label, opts, b in variants:
             if opts.get("backend") == "onnx":
@@ -196,7 +201,7 @@ def main() -> None:
             out = {}
             try:
                 fn = engine_fn(bundle, vol, half, "constant", out, device=str(dev), batch=b, **dict(opts))
-                r = row("B", f"dtml engine {label}, batch {b}", vol, half, timed(fn, repeats))
+                r = row("B", f"dtml engine {label}, batch {b}", vol, half, timed(fn, repeats, args.warmup))
             except Exception as e:
                 rows.append({"section": "B", "method": f"dtml engine {label}, batch {b}", "error": str(e)[:80]})
                 continue

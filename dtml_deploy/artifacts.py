@@ -299,3 +299,19 @@ def check_trt_sidecar(sidecar: TrtSidecar | Mapping[str, Any], *, bundle_hash: s
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
+
+
+def require_artifact(artifact: Path | None, fmt: str) -> Path:
+    """The artifact a runtime backend was given, checked to exist and to be of its format."""
+    f = FORMATS[fmt]
+    export = "dtml export BUNDLE --trt" if fmt == "trt" else "dtml export BUNDLE"
+    other = "ONNX graphs run with --backend onnx" if fmt == "trt" else "TensorRT engines run with --backend trt"
+    if artifact is None:
+        raise BackendUnavailable(f"the {fmt} backend runs an exported model: run `{export}` first "
+                                 f"or pass --artifact MODEL{f.suffix}")
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise BackendUnavailable(f"{artifact}: no such file; run `{export}` first or pass --artifact MODEL{f.suffix}")
+    if not artifact.name.endswith(f.suffix):
+        raise BackendUnavailable(f"{artifact}: the {fmt} backend needs a {f.suffix} file ({other})")
+    return artifact

@@ -26,20 +26,13 @@ from dtml_deploy import __version__
 from dtml_deploy.config import ModelConfig
 from dtml_deploy.errors import BundleError
 from dtml_deploy.io.atomic import atomic_dir
+from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.nets.dual import DualTaskNet
 
 FORMAT = "dtml-bundle"
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 15_000_000
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -108,7 +101,7 @@ class Bundle:
             for i, shard in enumerate(shards, 1):
                 name = f"weights-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, str(tmp / name), metadata={"format": FORMAT})
-                files[name] = _sha256(tmp / name)
+                files[name] = file_sha256(tmp / name)
             config = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -153,7 +146,7 @@ class Bundle:
             f = path / name
             if not f.is_file():
                 raise BundleError(f"{f}: weight shard is missing")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise BundleError(f"{f}: checksum mismatch (file is corrupt or was modified)")
             try:
                 state.update(load_file(str(f)))

@@ -56,6 +56,12 @@ class BlendName(str, Enum):
     constant = "constant"
 
 
+class IntensityName(str, Enum):
+    auto = "auto"
+    zscore = "zscore"
+    none = "none"
+
+
 class AmpName(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -88,6 +94,8 @@ BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: const
 HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
 LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
 ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing and back")]
+IntensityOpt = Annotated[IntensityName, typer.Option(
+    help="auto: z-score unless the scan is already z-scored (as LA2018 files are); zscore; none")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars")]
 
 
@@ -136,7 +144,14 @@ def train(
     schedule: Annotated[Schedule | None, typer.Option(help="Consistency ramp-up: released code or paper text")] = None,
     lambda_max: Annotated[float | None, typer.Option(help="Consistency weight maximum")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate")] = None,
-    lr_step: Annotated[int | None, typer.Option(help="Iterations between x0.1 learning-rate steps")] = None,
+    lr_step: Annotated[int | None, typer.Option(help="Iterations between learning-rate steps")] = None,
+    lr_gamma: Annotated[float | None, typer.Option(help="Learning-rate factor at each step (code: 0.1)")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum (code: 0.9)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="SGD weight decay (code: 1e-4)")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout3d probability in training (code: 0.5)")] = None,
+    rampup_period: Annotated[int | None, typer.Option(help="code schedule: iterations per ramp-up step (150)")] = None,
+    rampup_length: Annotated[float | None, typer.Option(help="code schedule: ramp-up length in steps (40)")] = None,
+    consistency: Annotated[bool | None, typer.Option(help="Use the cross-task consistency loss")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (code: 1337)")] = None,
     deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms (slower on GPU)")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -160,13 +175,16 @@ def train(
             recipe.value, labeled=labeled, unlabeled=unlabeled, val_cases=val_cases, iterations=iterations,
             labeled_bs=labeled_bs, unlabeled_bs=unlabeled_bs, patch=tuple(patch) if patch else None,
             n_filters=n_filters, norm=norm, supervision=supervision.value if supervision else None, k=k,
-            lr=lr, lr_step=lr_step, seed=seed, deterministic=deterministic or None, device=device,
+            lr=lr, lr_step=lr_step, lr_gamma=lr_gamma, momentum=momentum, weight_decay=weight_decay,
+            dropout=dropout, consistency=consistency, seed=seed, deterministic=deterministic or None, device=device,
             amp=amp.value, workers=workers, checkpoint_every=checkpoint_every, val_every=val_every)
-        if schedule is not None or lambda_max is not None:
+        if any(v is not None for v in (schedule, lambda_max, rampup_period, rampup_length)):
             cc = cfg.consistency_cfg
             cfg = replace(cfg, consistency_cfg=ConsistencyConfig(
                 schedule=schedule.value if schedule else cc.schedule,
-                lambda_max=lambda_max if lambda_max is not None else cc.lambda_max))
+                lambda_max=lambda_max if lambda_max is not None else cc.lambda_max,
+                rampup_period=rampup_period if rampup_period is not None else cc.rampup_period,
+                rampup_length=rampup_length if rampup_length is not None else cc.rampup_length))
         source = open_source(data, labels_dir=labels, list_file=case_list)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
         result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
@@ -177,6 +195,51 @@ def train(
             raise typer.Exit(130)
         typer.echo(f"trained {s['iterations']} iterations in {s['wall_seconds']:.1f} s "
                    f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
+
+
+def _artifact_for(backend: str, model: Path, artifact: Path | None, precision: str | None) -> Path | None:
+    """onnx without --artifact: a verified export cached per bundle (lazy import of export/)."""
+    if backend != "onnx" or artifact is not None:
+        return artifact
+    from export.pipeline import cached_onnx
+
+    return cached_onnx(model, precision or "fp32", lambda m: typer.echo(m, err=True))
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the artifacts")] = Path("dtml-export"),
+    precision: Annotated[list[PrecisionName] | None, typer.Option(
+        help="ONNX precision(s) to export: fp32 and/or fp16 (repeat the option)")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 17,
+    dynamic_spatial: Annotated[bool, typer.Option(help="Dynamic spatial axes (default: fixed to the patch)")] = False,
+    verify: Annotated[bool, typer.Option(help="Check onnxruntime against PyTorch; fail beyond tolerance")] = True,
+    real_case: Annotated[Path | None, typer.Option(help="A real scan whose central patch joins the check")] = None,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine (needs tensorrt and a GPU)")] = False,
+    trt_precision: Annotated[PrecisionName, typer.Option(
+        help="TensorRT engine precision (fp16 or fp32)")] = PrecisionName.fp16,
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for")] = 4,
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile: largest batch")] = 8,
+    workspace_gb: Annotated[float, typer.Option(help="TensorRT builder workspace limit (GB)")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(
+        help="TensorRT timing cache file, reused across builds")] = None,
+) -> None:
+    """Export a bundle to verified ONNX (fp32/fp16) and, with --trt, a TensorRT engine + sidecar."""
+    with _user_errors():
+        from export.pipeline import ExportRequest, run_export
+
+        if trt_precision == PrecisionName.bf16:
+            raise ValueError("--trt-precision must be fp16 or fp32")
+        precisions = tuple(p.value for p in precision) if precision else ("fp32",)
+        if "bf16" in precisions:
+            raise ValueError("ONNX export supports fp32 and fp16")
+        req = ExportRequest(bundle=_bundle_path(model), out_dir=output, precisions=precisions, opset=opset,
+                            dynamic_spatial=dynamic_spatial, verify=verify, real_case=real_case, trt=trt,
+                            trt_fp16=trt_precision == PrecisionName.fp16, min_batch=min_batch, opt_batch=opt_batch,
+                            max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache)
+        run_export(req, typer.echo)
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
@@ -216,26 +279,33 @@ def segment(
     qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = True,
     lcc: LccOpt = True,
     resample: ResampleOpt = True,
+    intensity: IntensityOpt = IntensityName.auto,
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = False,
     save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = False,
     save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = False,
-    cuda_graphs: Annotated[bool, typer.Option(help="Replay CUDA graphs (torch backend, CUDA)")] = False,
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        help="Replay CUDA graphs (torch backend; default on for CUDA)")] = None,
+    cudnn_fusion: Annotated[bool | None, typer.Option(
+        help="Fused cuDNN conv+ReLU (torch backend; default on for CUDA)")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks)."""
     with _user_errors():
         from dtml_deploy.runner import SegmentRequest, run_segment
 
+        model_path = _bundle_path(model)
+        prec = precision.value if precision else None
         req = SegmentRequest(
-            inputs=_expand_inputs(inputs), output=output, model=_bundle_path(model), backend=backend.value,
-            artifact=artifact, device=device, precision=precision.value if precision else None,
+            inputs=_expand_inputs(inputs), output=output, model=model_path, backend=backend.value,
+            artifact=_artifact_for(backend.value, model_path, artifact, prec), device=device, precision=prec,
             overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
-            head=head.value, qc=qc, lcc=lcc, resample=resample, save_prob=save_prob, save_sdm=save_sdm,
+            head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
+            save_sdm=save_sdm,
             save_uncertainty=save_uncertainty, overwrite=overwrite, json_report=json_report,
-            compile=compile, cuda_graphs=cuda_graphs, progress=progress)
+            compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, progress=progress)
         reports = run_segment(req)
     failed = [r for r in reports if r.status != "ok"]
     if not reports:
@@ -278,6 +348,7 @@ def evaluate(
     head: HeadOpt = HeadName.seg,
     lcc: LccOpt = True,
     resample: ResampleOpt = True,
+    intensity: IntensityOpt = IntensityName.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
     progress: ProgressOpt = True,
@@ -296,11 +367,14 @@ def evaluate(
 
             source = open_source(data, labels_dir=labels)
             ids = _case_list(source, cases) if cases else list(source.case_ids)
-            req = SegmentRequest(inputs=[], output=Path("."), model=_bundle_path(model), backend=backend.value,
-                                 artifact=artifact, device=device,
+            model_path = _bundle_path(model)
+            req = SegmentRequest(inputs=[], output=Path("."), model=model_path, backend=backend.value,
+                                 artifact=_artifact_for(backend.value, model_path, artifact,
+                                                        precision.value if precision else None), device=device,
                                  precision=precision.value if precision else None, overlap=overlap,
                                  stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
-                                 head=head.value, qc=True, lcc=lcc, resample=resample)
+                                 head=head.value, qc=True, lcc=lcc, resample=resample,
+                                 intensity=intensity.value)
             segmenter = build_segmenter(req)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
@@ -318,6 +392,59 @@ def evaluate(
         summary = summarise(rows)
         typer.echo(format_table(rows, summary))
         write_reports(rows, summary, json_out, csv_out, extra)
+
+
+def _batch_values(values: list[str] | None) -> tuple[int, ...]:
+    """`--batch 1 --batch 2` and `--batch 1,2` alike."""
+    out = []
+    for item in values or []:
+        for part in item.split(","):
+            if not part.strip().isdigit():
+                raise ValueError(f"--batch takes whole numbers (repeat it or comma-separate), got {part!r}")
+            out.append(int(part))
+    return tuple(out)
+
+
+@app.command()
+def benchmark(
+    model: ModelOpt = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="Real scan(s) to time; the first also measures agreement (repeat the option; default: a random "
+             "144x128x88 volume, agreement not measured)")] = None,
+    device: DeviceOpt = "auto",
+    batch: Annotated[list[str] | None, typer.Option(
+        help="Batch sizes to time, repeated or comma-separated (default: 1,2,4 on CPU, 1,8,16 on CUDA; "
+             "1 is always timed)")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per batch size (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before timing")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write machine, request and rows as JSON")] = None,
+    min_dice: Annotated[float | None, typer.Option(
+        help="Exit 1 when a row's agreement with torch fp32 is below this (CI; needs --data). "
+             "Without it, rows below 0.99 are marked but the exit code is 0")] = None,
+    formats: Annotated[str | None, typer.Option(
+        help="Comma-separated rows to run (default: all that exist here; torch-compiled only on CUDA): "
+             "torch-fp32, torch-bf16, torch-fp16, torch-fp16-graphs, torch-compiled, onnx-fp32, onnx-fp16, "
+             "trt-fp16")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Folder for exported artifacts (default: a temporary folder, removed)")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Time every backend and precision side by side, with each one's agreement with torch fp32."""
+    with _user_errors():
+        from export.benchmark import BenchmarkRequest, below_min_dice, format_report, run_benchmark, write_json
+
+        req = BenchmarkRequest(
+            bundle=_bundle_path(model), data=tuple(data or ()), device=device, batches=_batch_values(batch),
+            repeats=repeats, warmup=warmup, min_dice=min_dice,
+            formats=tuple(f.strip() for f in (formats or "").split(",") if f.strip()), workdir=output)
+        report = run_benchmark(req, (lambda m: typer.echo(m, err=True)) if progress else (lambda _: None))
+        typer.echo(format_report(report))
+        if json_out is not None:
+            write_json(report, json_out)
+    if min_dice is not None:
+        low = below_min_dice(report, min_dice)
+        if low:
+            raise _fail(f"agreement with torch fp32 below --min-dice {min_dice}: {', '.join(low)}", 1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

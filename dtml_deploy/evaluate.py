@@ -55,6 +55,9 @@ def score_folders(pred_dir: Path, gt_dir: Path) -> list[dict[str, Any]]:
     missing = [case_name(p) for p in preds if case_name(p) not in gts]
     if missing:
         raise InputError(f"{gt_dir}: no label for {', '.join(missing[:5])}")
+    unscored = sorted(set(gts) - {case_name(p) for p in preds})
+    if unscored:  # a silently smaller set would flatter the mean
+        raise InputError(f"{pred_dir}: no prediction for {len(unscored)} labelled case(s): {', '.join(unscored[:5])}")
     rows = []
     for p in preds:
         name = case_name(p)
@@ -90,12 +93,12 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     def fmt(c: str, v: float) -> str:
         return f"{v * 100:.2f}" if c in pct else f"{v:.2f}"
 
-    widths = [max(8, len(HEADERS[c])) for c in cols]
+    means = {c: f"{fmt(c, summary[c]['mean'])}±{fmt(c, summary[c]['std'])}" for c in cols}
+    widths = [max(8, len(HEADERS[c]), len(means[c])) for c in cols]
     lines = ["case".ljust(24) + "  ".join(HEADERS[c].rjust(w) for c, w in zip(cols, widths))]
     for r in rows:
         lines.append(str(r["case"])[:24].ljust(24) + "  ".join(fmt(c, r[c]).rjust(w) for c, w in zip(cols, widths)))
-    mean = "  ".join(f"{fmt(c, summary[c]['mean'])}±{fmt(c, summary[c]['std'])}".rjust(w)
-                     for c, w in zip(cols, widths))
+    mean = "  ".join(means[c].rjust(w) for c, w in zip(cols, widths))
     lines.append(f"{'mean ± std (n=' + str(len(rows)) + ')':<24}" + mean)
     nan = {c: summary[c]["nan_count"] for c in cols if summary[c]["nan_count"]}
     if nan:
@@ -103,12 +106,32 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN (an empty mask's distances) becomes null: strict JSON parsers reject bare NaN."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _ordered(row: dict[str, Any]) -> dict[str, Any]:
+    """The paper's column order first (case, Dice, Jaccard, ASD, 95HD, mm variants), then the rest."""
+    first = ["case", *[c for c in COLUMNS if c in row]]
+    return {**{k: row[k] for k in first}, **{k: v for k, v in row.items() if k not in first}}
+
+
 def write_reports(rows: list[dict[str, Any]], summary: dict[str, Any], json_path: Path | None,
                   csv_path: Path | None, extra: dict[str, Any] | None = None) -> None:
     """Write the per-case rows and the summary as JSON and/or CSV, atomically."""
+    rows = [_ordered(r) for r in rows]
+    order = [*[c for c in COLUMNS if c in summary], *[k for k in summary if k not in COLUMNS]]
+    summary = {k: summary[k] for k in order}
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps({**(extra or {}), "summary": summary, "cases": rows},
-                                                indent=2, default=float) + "\n")
+        doc = _json_safe({**(extra or {}), "summary": summary, "cases": rows})
+        atomic_write_text(json_path, json.dumps(doc, indent=2, default=float, allow_nan=False) + "\n")
     if csv_path is not None:
         buf = io.StringIO()
         keys = list(rows[0]) if rows else ["case"]

@@ -33,13 +33,15 @@ class SegmentRequest:
     qc: bool = True
     lcc: bool = True
     resample: bool = True
+    intensity: str = "auto"
     save_prob: bool = False
     save_sdm: bool = False
     save_uncertainty: bool = False
     overwrite: bool = False
     json_report: Path | None = None
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: on for the torch backend on CUDA
+    cudnn_fusion: bool | None = None  # None: on for the torch backend on CUDA
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -65,10 +67,15 @@ def build_segmenter(req: SegmentRequest) -> Segmenter:
     bundle = Bundle.load(req.model)
     engine = engine_config(req, bundle)
     precision = req.precision or default_precision(req.device)
+    # The fastest measured CUDA configuration (benchmarks/results/segment_speed_h200.md) is the default.
+    cuda = resolve_device(req.device).type == "cuda"
     options = BackendOptions(device=req.device, precision=precision, batch=req.batch,  # type: ignore[arg-type]
-                             compile=req.compile, cuda_graphs=req.cuda_graphs, artifact=req.artifact)
+                             compile=req.compile, artifact=req.artifact,
+                             cuda_graphs=cuda if req.cuda_graphs is None else req.cuda_graphs,
+                             cudnn_fusion=cuda if req.cudnn_fusion is None else req.cudnn_fusion)
     backend = create_backend(req.backend, bundle, options, engine.channels)
-    return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample))
+    return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample,
+                                                            intensity=req.intensity))  # type: ignore[arg-type]
 
 
 def run_segment(req: SegmentRequest) -> list[CaseReport]:
@@ -96,6 +103,10 @@ def run_segment(req: SegmentRequest) -> list[CaseReport]:
                                              lambda d, n, t=task: bar.update(t, completed=d, total=n))
                 bar.remove_task(task)
             reports.append(rep)
+            if rep.status == "ok" and rep.resampled:
+                err.print(f"  warning: {name}: spacing {tuple(round(x, 4) for x in rep.spacing or ())} differs from "
+                          f"the model's {bundle.model.spacing}; resampled to it and back (--no-resample to skip)",
+                          highlight=False)
             if rep.status == "ok":
                 s = sum(rep.seconds.values())
                 agree = f", head agreement {rep.agreement:.3f}" if rep.agreement is not None else ""

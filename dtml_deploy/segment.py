@@ -18,7 +18,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import InputError
-from dtml_deploy.intensity import normalise
+from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.volume import Volume, read_volume, write_like
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
@@ -30,6 +30,7 @@ class SegmentOptions:
     engine: EngineConfig = field(default_factory=EngineConfig)
     lcc: bool = True  # keep the largest connected component (the paper's code does)
     resample: bool = True  # resample to the bundle's spacing and back when the scan's differs
+    intensity: Policy = "auto"  # z-score unless the scan is already z-scored (see intensity.py)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Segmentation:
     windows: int
     seconds: dict[str, float]
     resampled: bool
+    intensity: str = "zscore"
 
 
 @dataclass
@@ -60,6 +62,7 @@ class CaseReport:
     agreement: float | None = None
     foreground_voxels: int | None = None
     resampled: bool | None = None
+    intensity: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +95,7 @@ class Segmenter:
         """Segment a raw (un-normalised) 3D image given in `spacing` (None: the bundle's)."""
         seconds: dict[str, float] = {}
         t = time.perf_counter()
-        x = normalise(image, self.bundle.model.intensity, name)
+        x, intensity = prepare(image, self.bundle.model.intensity, self.options.intensity, name)
         seconds["normalise"] = time.perf_counter() - t
         model_spacing = self.bundle.model.spacing
         resampled = bool(self.options.resample and spacing is not None
@@ -121,7 +124,7 @@ class Segmenter:
             t = time.perf_counter()
             mask = largest_component(mask)
             seconds["lcc"] = time.perf_counter() - t
-        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled)
+        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity)
 
     def segment_file(self, path: Path, out_dir: Path, overwrite: bool = False,
                      progress: Any = None) -> CaseReport:
@@ -153,6 +156,7 @@ class Segmenter:
             report.agreement = seg.agreement
             report.foreground_voxels = int(seg.mask.sum())
             report.resampled = seg.resampled
+            report.intensity = seg.intensity
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
         except InputError as e:
             report.error = str(e)

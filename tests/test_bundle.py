@@ -62,7 +62,7 @@ def test_missing_and_wrong_parts(tmp_path):
         Bundle.load(path)
     path = make_bundle().save(tmp_path / "c")
     (path / "config.json").write_text("{not json")
-    with pytest.raises(BundleError, match="config.json: not valid JSON"):
+    with pytest.raises(BundleError, match=r"config\.json: not valid JSON"):
         Bundle.load(path)
     (path / "config.json").write_text(json.dumps({**cfg, "format": "something-else"}))
     with pytest.raises(BundleError, match="not a dtml bundle"):

@@ -71,7 +71,8 @@ def test_single_backward_equals_the_released_codes_two_backward_calls():
 
     def parts():
         logits, sdm = x @ ws, torch.tanh(x @ wd)
-        l_seg = 0.5 * (F.binary_cross_entropy_with_logits(logits[:2], g[:2]) + dice_loss(torch.sigmoid(logits[:2]), g[:2]))
+        bce = F.binary_cross_entropy_with_logits(logits[:2], g[:2])
+        l_seg = 0.5 * (bce + dice_loss(torch.sigmoid(logits[:2]), g[:2]))
         l_mask = dice_loss(torch.sigmoid(-k * sdm[:2]), g[:2])
         l_con = consistency_loss(torch.sigmoid(logits), torch.sigmoid(-k * sdm))
         return l_seg, l_mask, l_con

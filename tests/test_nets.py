@@ -92,9 +92,9 @@ def test_fold_batchnorm_matches_float64_reference():
     assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
     x = torch.randn(2, 1, 32, 32, 16)
     ref_l, ref_s = net.double()(x.double())
-    l, s = folded(x)
+    logits, s = folded(x)
     # fp32 folded vs fp64 unfolded: rounding only, relative to the logits' scale.
-    assert (l.double() - ref_l).abs().max() / ref_l.abs().max() < 1e-5
+    assert (logits.double() - ref_l).abs().max() / ref_l.abs().max() < 1e-5
     assert (s.double() - ref_s).abs().max() < 1e-5
 
 

@@ -274,4 +274,49 @@ def test_train_cli_acceptance_command(la2018, tmp_path):
     assert b.meta["training"]["iterations"] == 30 and b.model.patch_size == (48, 48, 32)
     assert b.meta["recipe"]["recipe"] == "dtml" and len(b.meta["data_fingerprint"]) == 16
     rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r for r in rows if r.get("event") == "validation"][0]["iteration"] == 30
+    assert next(r for r in rows if r.get("event") == "validation")["iteration"] == 30
+
+
+def test_sigterm_checkpoints_and_stops(sample_root, tmp_path, monkeypatch):
+    """A SIGTERM mid-run finishes the current iteration, writes a checkpoint and reports the stop."""
+    import os
+    import signal
+
+    from training import trainer as trainer_mod
+
+    real = trainer_mod.Objective.__call__
+
+    def call(self, logits, sdm, batch, iteration):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, logits, sdm, batch, iteration)
+
+    monkeypatch.setattr(trainer_mod.Objective, "__call__", call)
+    split = make_split(open_source(sample_root), 1, None)
+    result = Trainer(tiny(iterations=10), split, tmp_path / "sig", show_progress=False).run()
+    assert result.interrupted and result.iterations == 3 and result.bundle is None
+    meta = json.loads((tmp_path / "sig" / "checkpoint" / "state.json").read_text())
+    assert meta["iteration"] == 3
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+    resumed = Trainer(tiny(iterations=10), split, tmp_path / "sig", resume=True, show_progress=False).run()
+    assert resumed.iterations == 10 and resumed.bundle is not None
+
+
+def test_train_cli_overrides_reach_the_config(sample_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from dtml_deploy.cli import app
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["train", "--data", str(sample_root), "--out", str(out), "--labeled", "1",
+                                 "--labeled-bs", "1", "--iterations", "2", "--n-filters", "4", "--patch", "32", "32",
+                                 "32", "--momentum", "0.8", "--weight-decay", "0.001", "--lr-gamma", "0.5",
+                                 "--dropout", "0.2", "--schedule", "paper", "--lambda-max", "0.3",
+                                 "--rampup-period", "10", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rec = Bundle.load(out / "bundle").meta["recipe"]
+    assert rec["momentum"] == 0.8 and rec["weight_decay"] == 0.001 and rec["lr_gamma"] == 0.5
+    assert rec["dropout"] == 0.2 and rec["consistency_cfg"] == {"schedule": "paper", "lambda_max": 0.3,
+                                                                 "rampup_period": 10, "rampup_length": 40.0}
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(out)])
+    assert r.exit_code == 2 and "does not exist" in r.stderr

@@ -24,6 +24,7 @@ class TrainConfig:
     labeled_bs: int = 2
     unlabeled_bs: int = 2
     patch: tuple[int, int, int] = (112, 112, 80)
+    intensity: str = "auto"  # z-score volumes unless already z-scored, exactly as inference does
     # networks
     n_filters: int = 16
     norm: str = "batch"

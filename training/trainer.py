@@ -156,7 +156,7 @@ class Trainer:
         TwoStreamSampler(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs, cfg.unlabeled_bs,
                          cfg.seed, 0, 0)
         t_load = time.perf_counter()
-        cache: VolumeCache = load_training_volumes(self.split)
+        cache: VolumeCache = load_training_volumes(self.split, intensity=cfg.intensity)  # type: ignore[arg-type]
         data_fp = fingerprint(self.split)
         load_s = time.perf_counter() - t_load
 

@@ -23,11 +23,12 @@ def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase,
     bundle = Bundle.from_net(net, model_cfg)
     opts = BackendOptions(device=str(device), precision="fp32", batch=2)
     backend = TorchBackend(bundle, opts, ("p_seg", "p_dis"))
-    scores: dict[str, list[float]] = {"seg": [], "sdm": []}
-    for head in scores:
-        seg = Segmenter(bundle, backend, SegmentOptions(engine=EngineConfig(head=head, qc=True)))  # type: ignore[arg-type]
-        for case in cases:
-            img = load_image(case)
-            lab = load_label(case, img.shape)
+    segmenters = {head: Segmenter(bundle, backend, SegmentOptions(engine=EngineConfig(head=head, qc=True)))
+                  for head in ("seg", "sdm")}
+    scores: dict[str, list[float]] = {head: [] for head in segmenters}
+    for case in cases:
+        img = load_image(case)
+        lab = load_label(case, img.shape)
+        for head, seg in segmenters.items():
             scores[head].append(dice(seg.segment_array(img).mask, lab))
     return {f"val_dice_{h}": float(np.mean(v)) for h, v in scores.items()}

@@ -23,6 +23,7 @@ from dtml_deploy.artifacts import (
     ArtifactInfo,
     check_bundle_hash,
     parse_onnx_metadata,
+    require_artifact,
 )
 from dtml_deploy.backends.base import Backend, BackendOptions
 from dtml_deploy.bundle import Bundle
@@ -71,17 +72,7 @@ class OnnxBackend(Backend):
         except ImportError:
             raise BackendUnavailable("the onnx backend needs onnxruntime; pip install 'dtml[onnx]' "
                                      "(or 'dtml[gpu]' for CUDA)") from None
-        artifact = options.artifact
-        if artifact is None:
-            raise BackendUnavailable("the onnx backend runs an exported model: run `dtml export BUNDLE` "
-                                     "first or pass --artifact MODEL.onnx")
-        artifact = Path(artifact)
-        if not artifact.is_file():
-            raise BackendUnavailable(f"{artifact}: no such ONNX file; run `dtml export BUNDLE` first "
-                                     f"or pass --artifact MODEL.onnx")
-        if not artifact.name.endswith(FORMATS["onnx"].suffix):
-            raise BackendUnavailable(f"{artifact}: the onnx backend needs an {FORMATS['onnx'].suffix} "
-                                     f"file (TensorRT engines run with --backend trt)")
+        artifact = require_artifact(options.artifact, "onnx")
         self.providers = self._providers(ort)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

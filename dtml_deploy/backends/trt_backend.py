@@ -9,17 +9,24 @@ This module imports without TensorRT; `is_available()` then says False.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtml_deploy.artifacts import FORMATS, ONNX_INPUT, TrtSidecar, check_trt_sidecar, read_sidecar
+from dtml_deploy.artifacts import (
+    FORMATS,
+    ONNX_INPUT,
+    TrtSidecar,
+    check_trt_sidecar,
+    read_sidecar,
+    require_artifact,
+)
 from dtml_deploy.backends.base import Backend, BackendOptions
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, BundleError, DtmlError
+from dtml_deploy.io.digest import file_sha256
 
 _REBUILD = "rebuild with `dtml export BUNDLE --trt`"
 
@@ -39,14 +46,6 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "TensorRT needs a CUDA device and torch sees none; use --backend torch or onnx"
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -75,17 +74,7 @@ class TrtBackend(Backend):
             raise BackendUnavailable(f"the trt backend runs on CUDA only, not on {self.device}; "
                                      f"use --device cuda or --backend onnx")
         trt = _import_trt()
-        artifact = options.artifact
-        if artifact is None:
-            raise BackendUnavailable("the trt backend runs a built engine: run `dtml export BUNDLE --trt` "
-                                     "first or pass --artifact MODEL.engine")
-        artifact = Path(artifact)
-        if not artifact.is_file():
-            raise BackendUnavailable(f"{artifact}: no such engine; run `dtml export BUNDLE --trt` first "
-                                     f"or pass --artifact MODEL.engine")
-        if not artifact.name.endswith(FORMATS["trt"].suffix):
-            raise BackendUnavailable(f"{artifact}: the trt backend needs a {FORMATS['trt'].suffix} file "
-                                     f"(ONNX graphs run with --backend onnx)")
+        artifact = require_artifact(options.artifact, "trt")
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.device = torch.device("cuda", index)
         props = torch.cuda.get_device_properties(index)
@@ -93,7 +82,7 @@ class TrtBackend(Backend):
         check_trt_sidecar(sidecar, bundle_hash=bundle.content_hash, tensorrt_version=trt.__version__,
                           gpu_name=props.name, compute_capability=(props.major, props.minor))
         self._check_request(sidecar, artifact)
-        if sidecar.engine_sha256 and _sha256(artifact) != sidecar.engine_sha256:
+        if sidecar.engine_sha256 and file_sha256(artifact) != sidecar.engine_sha256:
             raise BundleError(f"{artifact}: checksum differs from its sidecar (file replaced or corrupt); "
                               f"{_REBUILD}")
         self.sidecar = sidecar

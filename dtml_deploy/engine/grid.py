@@ -46,6 +46,9 @@ def tile_starts_stride(length: int, patch: int, stride: int) -> list[int]:
 
 def window_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> list[tuple[int, int, int]]:
     """All window corners for a (padded) volume of `shape`, in x-major order."""
+    if spec.stride is not None and any(s > p for s, p in zip(spec.stride, patch)):
+        raise ValueError(f"stride {tuple(spec.stride)} exceeds the patch {tuple(patch)}: "
+                         "voxels between windows would never be predicted")
     per_axis = []
     for a in range(3):
         if spec.stride is not None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dtml_deploy.config import IntensityConfig
 from dtml_deploy.errors import DataError, InputError
+from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.datasets import ArrayRef, LabeledCase, Split, UnlabeledCase
 from dtml_deploy.io.volume import read_volume
 
@@ -27,11 +29,14 @@ def read_array(ref: ArrayRef, check_finite: bool = True) -> np.ndarray:
     return vol.array
 
 
-def load_image(case: LabeledCase | UnlabeledCase) -> np.ndarray:
-    """The image of a case, checked for finite, non-constant values."""
+def load_image(case: LabeledCase | UnlabeledCase, intensity: Policy = "auto") -> np.ndarray:
+    """The image of a case, checked for finite, non-constant values, normalised as inference will
+    normalise it (LA2018 is already z-scored and stays as stored; see dtml_deploy/intensity.py)."""
     img = read_array(case.image)
-    if float(img.max()) == float(img.min()):
-        raise DataError(f"{case.image.path}: constant image (every voxel is {float(img.min()):g})")
+    try:
+        img, _ = prepare(img, IntensityConfig(), intensity, str(case.image.path))
+    except InputError as e:
+        raise DataError(str(e)) from None
     return img
 
 
@@ -57,12 +62,12 @@ class VolumeCache:
     n_labeled: int
 
 
-def load_training_volumes(split: Split, threads: int = 8) -> VolumeCache:
+def load_training_volumes(split: Split, threads: int = 8, intensity: Policy = "auto") -> VolumeCache:
     """Read labeled then unlabeled images, and the labeled cases' labels, in parallel."""
     cases: list[LabeledCase | UnlabeledCase] = [*split.labeled, *split.unlabeled]
 
     def one(case: LabeledCase | UnlabeledCase) -> tuple[np.ndarray, np.ndarray | None]:
-        img = load_image(case)
+        img = load_image(case, intensity)
         lab = load_label(case, img.shape) if isinstance(case, LabeledCase) else None
         return img, lab
 

@@ -1,0 +1,108 @@
+"""Print the README's results tables from the JSON files the benchmark scripts wrote.
+
+    python benchmarks/readme_tables.py > /tmp/tables.md   # then paste into README.md
+
+Sources (each written by the script named in its table's caption):
+  results/segment_speed_h200.json, results/segment_speed_cpu.json  <- segment_speed.py --json
+  results/train_speed_h200.json                                      <- train_speed.py --json
+  results/la_eval_h200.json                                          <- the evaluation of reproduce_la.sh
+  ../dtml_deploy/default_model/config.json                           <- the training run itself
+  results/metrics_speed_cpu.json, results/backend_speed_cpu.json     <- metrics_speed.py / backend_speed.py --json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RES = HERE / "results"
+PAPER = {"dice": 90.12, "jaccard": 82.14, "asd": 1.82, "hd95": 7.01}
+
+
+def load(name: str) -> dict | None:
+    p = RES / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def fmt(v: object, digits: int = 3) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def speed_table(doc: dict, title: str) -> str:
+    lines = [f"{title} ({doc['machine']})", "",
+             "| comparison | method | volume | windows | seconds | Mvox/s | speed-up | max abs diff of p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r and "seconds" not in r:
+            lines.append(f"| {r['section']} | {r['method']} | | | failed: {r['error']} | | | |")
+            continue
+        ratio = r.get("vs paper loop") or r.get("vs MONAI")
+        base = " vs paper loop" if "vs paper loop" in r else (" vs MONAI" if "vs MONAI" in r else "")
+        lines.append(f"| {r['section']} | {r['method']} | {r['volume']} | {r['windows']} | {r['seconds']:.3f} | "
+                     f"{r['Mvox/s']:.1f} | {fmt(ratio) + 'x' + base if ratio else ''} | {fmt(r.get('max |dp|'), 2)} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(doc: dict) -> str:
+    names = {"paper_seg": "paper protocol (stride 18/18/4, constant, fp32, LCC), M_s",
+             "default_seg": "dtml default (overlap 0.5, Gaussian, fp16, LCC), M_s",
+             "default_sdm": "dtml default, M_d (sigmoid(-k sdm))", "default_mean": "dtml default, mean of both heads"}
+    lines = ["| evaluation | Dice % | Jaccard % | ASD vox | 95HD vox | median Dice % "
+             "| cases flagged (agreement < 0.8) |",
+             "|---|---|---|---|---|---|---|",
+             f"| paper, DTML 16/64, test split (20 cases) | {PAPER['dice']} | {PAPER['jaccard']} | {PAPER['asd']} | "
+             f"{PAPER['hd95']} | | |"]
+    for key, label in names.items():
+        if key not in doc:
+            continue
+        s, rows = doc[key]["summary"], doc[key]["rows"]
+        median = statistics.median(r["dice"] for r in rows)
+        flagged = sum(1 for r in rows if r.get("agreement") is not None and r["agreement"] < 0.8)
+        lines.append(f"| {label}, 64 unlabeled training cases | {100 * s['dice']['mean']:.2f} | "
+                     f"{100 * s['jaccard']['mean']:.2f} | {s['asd']['mean']:.2f} | {s['hd95']['mean']:.2f} | "
+                     f"{100 * median:.1f} | {flagged} |")
+    return "\n".join(lines)
+
+
+def training_table() -> str:
+    cfg = json.loads((HERE.parent / "dtml_deploy" / "default_model" / "config.json").read_text())
+    t = cfg["training"]
+    smoke = load("train_speed_h200.json")
+    lines = ["| run | device | precision | it/s | 6000 iterations | peak GPU memory |", "|---|---|---|---|---|---|",
+             "| released code (anchor, fp32, deterministic cuDNN, two backward calls) | H200 | fp32 | 0.66 "
+             "| 153 min | |",
+             f"| dtml train --recipe dtml (the shipped model) | {t['device']} | {t['amp']} + channels_last_3d | "
+             f"{t['it_per_s']:.2f} | {t['wall_seconds'] / 60:.1f} min | |"]
+    if smoke:
+        for r in smoke["rows"]:
+            lines.append(f"| benchmarks/train_speed.py (steady state) | {r['device']} | {r['amp']} | {r['it/s']:.2f} | "
+                         f"{r['6000 it (min)']:.1f} min | {r['peak GB']:.2f} GB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    for name, title in (("segment_speed_h200.json", "GPU"), ("segment_speed_cpu.json", "CPU")):
+        doc = load(name)
+        if doc:
+            print(speed_table(doc, f"**Segmentation speed, {title}** (`benchmarks/segment_speed.py`)"), end="\n\n")
+    print("**Training speed** (`dtml train`, `benchmarks/train_speed.py`)\n")
+    print(training_table(), end="\n\n")
+    doc = load("la_eval_h200.json")
+    if doc:
+        print("**Accuracy of the shipped model** (`benchmarks/device/reproduce_la.sh`)\n")
+        print(accuracy_table(doc), end="\n\n")
+    for name, title in (("metrics_speed_cpu.json", "Metrics speed"), ("backend_speed_cpu.json", "Backend speed")):
+        doc = load(name)
+        if doc:
+            print(f"**{title}** ({doc.get('machine', '')})\n")
+            print(doc.get("markdown", ""), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()

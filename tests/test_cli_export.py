@@ -1,0 +1,81 @@
+"""`dtml export` end to end, and `dtml segment --backend onnx` against the torch backend on a real case."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dtml_deploy.cli import app
+from dtml_deploy.metrics import dice
+from tests.conftest import make_bundle
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+
+def _run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def bundle_dir(tmp_path):
+    return make_bundle(n_filters=4, patch=(32, 32, 32), k=50.0).save(tmp_path / "bundle")
+
+
+def _case(sample_root):
+    cid = json.loads((sample_root / "splits.json").read_text())["train"][0]
+    return sample_root / "images" / f"{cid}.nii.gz", cid
+
+
+def test_export_writes_verified_fp32_and_fp16(bundle_dir, sample_root, tmp_path):
+    scan, _ = _case(sample_root)
+    out = tmp_path / "exp"
+    r = _run("export", "--model", bundle_dir, "-o", out, "--precision", "fp32", "--precision", "fp16",
+             "--real-case", scan)
+    assert r.exit_code == 0, r.output
+    assert (out / "model-fp32.onnx").stat().st_size > 0 and (out / "model-fp16.onnx").stat().st_size > 0
+    assert "real" in r.output and "p_dis" in r.output  # the verification table, per source and output
+    assert sorted(p.name for p in out.iterdir()) == ["model-fp16.onnx", "model-fp32.onnx"]  # no temp files
+
+
+def test_failed_verification_fails_and_leaves_nothing(bundle_dir, tmp_path, monkeypatch):
+    import export.verify as verify
+
+    strict = verify.Tolerance(max_abs={k: 0.0 for k in ("p_seg", "sdm", "p_dis", "prob")}, min_dice=1.01)
+    monkeypatch.setattr(verify, "tolerance", lambda precision, k: strict)
+    out = tmp_path / "exp"
+    r = _run("export", "--model", bundle_dir, "-o", out)
+    assert r.exit_code == 2
+    assert "failed verification" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_trt_export_without_tensorrt_is_a_clear_error(bundle_dir, tmp_path):
+    pytest.importorskip("importlib")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    r = _run("export", "--model", bundle_dir, "-o", tmp_path / "e", "--trt")
+    assert r.exit_code == 2 and "tensorrt" in r.stderr.lower() and "Traceback" not in r.output
+
+
+def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    scan, cid = _case(sample_root)
+    common = ["--model", bundle_dir, "--device", "cpu", "--no-progress", "--save-prob", "--overlap", "0.25"]
+    r1 = _run("segment", scan, "-o", tmp_path / "torch", "--backend", "torch", *common)
+    r2 = _run("segment", scan, "-o", tmp_path / "onnx", "--backend", "onnx", *common)  # exports into the cache
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    assert list((tmp_path / "cache" / "dtml").glob("*/model-fp32.onnx"))
+    m1 = np.asarray(nib.load(str(tmp_path / "torch" / f"{cid}.nii.gz")).dataobj)
+    m2 = np.asarray(nib.load(str(tmp_path / "onnx" / f"{cid}.nii.gz")).dataobj)
+    p1 = nib.load(str(tmp_path / "torch" / f"{cid}_prob.nii.gz")).get_fdata()
+    p2 = nib.load(str(tmp_path / "onnx" / f"{cid}_prob.nii.gz")).get_fdata()
+    assert np.abs(p1 - p2).max() < 1e-3  # fp32 both; BN folded in both; only op order differs
+    assert dice(m1, m2) > 0.99

@@ -45,7 +45,7 @@ def speed_table(doc: dict, title: str) -> str:
         ratio = r.get("vs paper loop") or r.get("vs MONAI")
         base = " vs paper loop" if "vs paper loop" in r else (" vs MONAI" if "vs MONAI" in r else "")
         lines.append(f"| {r['section']} | {r['method']} | {r['volume']} | {r['windows']} | {r['seconds']:.3f} | "
-                     f"{r['Mvox/s']:.1f} | {fmt(ratio) + 'x' + base if ratio else ''} | {fmt(r.get('max |dp|'), 2)} |")
+                     f"{fmt(r['Mvox/s'])} | {fmt(ratio) + 'x' + base if ratio else ''} | {fmt(r.get('max |dp|'), 2)} |")
     return "\n".join(lines)
 
 
@@ -86,6 +86,20 @@ def training_table() -> str:
     return "\n".join(lines)
 
 
+def dtml_benchmark_table(doc: dict) -> str:
+    lines = [f"`dtml benchmark` on {', '.join(doc.get('cases', []) or ['a random volume'])} ({doc['machine']})", "",
+             "| row | status | agreement | ms/window b1 | ms/window best | s/case | Mvox/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if r["status"].startswith("skipped"):
+            continue
+        best = f"{r['ms_per_window_best']:.0f} (b{r['best_batch']})" if r.get("ms_per_window_best") else ""
+        lines.append(f"| {r['name']} | {r['status']} | {fmt(r.get('agreement'), 4)} | "
+                     f"{fmt(r.get('ms_per_window_b1'), 4)} | {best} | {fmt(r.get('seconds_per_case'), 3)} | "
+                     f"{fmt(r.get('mvox_per_s'), 2)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for name, title in (("segment_speed_h200.json", "GPU"), ("segment_speed_cpu.json", "CPU")):
         doc = load(name)
@@ -97,6 +111,10 @@ def main() -> None:
     if doc:
         print("**Accuracy of the shipped model** (`benchmarks/device/reproduce_la.sh`)\n")
         print(accuracy_table(doc), end="\n\n")
+    doc = load("dtml_benchmark_cpu.json")
+    if doc:
+        print("**Backends side by side with the shipped model**\n")
+        print(dtml_benchmark_table(doc), end="\n\n")
     for name, title in (("metrics_speed_cpu.json", "Metrics speed"), ("backend_speed_cpu.json", "Backend speed")):
         doc = load(name)
         if doc:

@@ -311,7 +311,8 @@ def require_artifact(artifact: Path | None, fmt: str) -> Path:
                                  f"or pass --artifact MODEL{f.suffix}")
     artifact = Path(artifact)
     if not artifact.is_file():
-        raise BackendUnavailable(f"{artifact}: no such file; run `{export}` first or pass --artifact MODEL{f.suffix}")
+        what = "engine" if fmt == "trt" else "ONNX file"
+        raise BackendUnavailable(f"{artifact}: no such {what}; run `{export}` first or pass --artifact MODEL{f.suffix}")
     if not artifact.name.endswith(f.suffix):
         raise BackendUnavailable(f"{artifact}: the {fmt} backend needs a {f.suffix} file ({other})")
     return artifact

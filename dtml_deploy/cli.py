@@ -386,7 +386,11 @@ def evaluate(
                      "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
-            rows = score_folders(pred_dir, gt_dir)
+            rows, unscored = score_folders(pred_dir, gt_dir)
+            if unscored:  # a smaller set than the labels would flatter the mean: say so
+                typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
+                           f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
+                extra = {"unscored_labels": unscored}
         else:
             raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
         summary = summarise(rows)

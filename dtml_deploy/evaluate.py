@@ -42,8 +42,10 @@ def _score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], name: str
     return {"case": name, **case_metrics(pred, gt, tuple(spacing))}
 
 
-def score_folders(pred_dir: Path, gt_dir: Path) -> list[dict[str, Any]]:
-    """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`."""
+def score_folders(pred_dir: Path, gt_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`.
+
+    Returns the rows and the labelled cases that have no prediction (not scored; callers say so)."""
     for d in (pred_dir, gt_dir):
         if not Path(d).is_dir():
             raise InputError(f"{d}: not a folder")
@@ -56,14 +58,12 @@ def score_folders(pred_dir: Path, gt_dir: Path) -> list[dict[str, Any]]:
     if missing:
         raise InputError(f"{gt_dir}: no label for {', '.join(missing[:5])}")
     unscored = sorted(set(gts) - {case_name(p) for p in preds})
-    if unscored:  # a silently smaller set would flatter the mean
-        raise InputError(f"{pred_dir}: no prediction for {len(unscored)} labelled case(s): {', '.join(unscored[:5])}")
     rows = []
     for p in preds:
         name = case_name(p)
         pv, gv = read_volume(p, dataset="label"), read_volume(gts[name], dataset="label")
         rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
-    return rows
+    return rows, unscored
 
 
 def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -177,7 +176,8 @@ def test_empty_prediction_is_left_out_of_surface_means(sample_root: Path, gt_dir
     report = json.loads((tmp_path / "e.json").read_text())
     rows = {row["case"]: row for row in report["cases"]}
     assert rows[ids[1]]["dice"] == 0.0 and rows[ids[1]]["jaccard"] == 0.0
-    assert math.isnan(rows[ids[1]]["hd95"]) and math.isnan(rows[ids[1]]["asd"])
+    assert rows[ids[1]]["hd95"] is None and rows[ids[1]]["asd"] is None  # NaN is written as null
+    assert "no prediction" in r.stderr and ids[2] in report["unscored_labels"]
     s = report["summary"]
     assert s["hd95"]["count"] == 1 and s["hd95"]["nan_count"] == 1
     assert s["hd95"]["mean"] == pytest.approx(medpy_binary.hd95(eroded, gt0), rel=1e-12)
@@ -262,7 +262,7 @@ def test_model_mode_end_to_end(tiny_bundle_dir: Path, sample_root: Path, tmp_pat
         assert 0.0 <= row["agreement"] <= 1.0
         assert row["seconds"] > 0
     for key in METRICS:
-        vals = [row[key] for row in report["cases"] if not math.isnan(row[key])]
+        vals = [row[key] for row in report["cases"] if row[key] is not None]  # null = NaN (empty mask)
         assert report["summary"][key]["mean"] == pytest.approx(float(np.mean(vals)), rel=1e-12)
     with (tmp_path / "e.csv").open(newline="") as f:
         assert [row["case"] for row in csv.DictReader(f)] == wanted

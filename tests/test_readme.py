@@ -1,0 +1,39 @@
+"""The README's commands stay true."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from typer.testing import CliRunner
+
+from dtml_deploy.cli import app
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_quick_start_segments_the_sample(tmp_path, monkeypatch):
+    text = README.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("dtml segment tests/data/"))
+    args = shlex.split(line.split("&&")[0])[1:]  # drop 'dtml'
+    assert args[0] == "segment"
+    monkeypatch.chdir(README.parent)
+    out = tmp_path / "masks"
+    args[args.index("-o") + 1] = str(out)
+    r = CliRunner().invoke(app, [*args, "--no-progress", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    (mask,) = out.glob("*.nii.gz")
+    m = np.asarray(nib.load(str(mask)).dataobj)
+    assert m.dtype == np.uint8 and m.sum() > 0
+
+
+def test_every_command_in_the_readme_exists():
+    names = set(re.findall(r"^dtml (\w+)", README.read_text(), flags=re.M))
+    r = CliRunner().invoke(app, ["--help"])
+    assert names == {"train", "export", "segment", "evaluate", "benchmark"}
+    for name in names:
+        assert name in r.output
+        assert CliRunner().invoke(app, [name, "--help"]).exit_code == 0

@@ -316,3 +316,13 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float | int]]:
             "nan_count": int(values.size - finite.size),
         }
     return out
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice between two predictions of the same case (backends, precisions, heads): unlike `dice`,
+    which scores against ground truth as medpy does, two empty masks agree perfectly (1.0)."""
+    if a.shape != b.shape:
+        raise ValueError(f"mask shapes differ: {a.shape} vs {b.shape}")
+    a, b = np.asarray(a).astype(bool, copy=False), np.asarray(b).astype(bool, copy=False)
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(a & b) / total

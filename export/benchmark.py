@@ -32,7 +32,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError, OutOfMemory
 from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.volume import read_volume
-from dtml_deploy.metrics import dice
+from dtml_deploy.metrics import agreement
 from dtml_deploy.runner import SegmentRequest, default_precision, engine_config
 from dtml_deploy.segment import Segmenter, SegmentOptions, case_name
 from export.formats import FORMATS, artifact_path, missing_packages
@@ -234,15 +234,6 @@ def default_batches(cuda: bool) -> tuple[int, ...]:
 def batch_values(requested: tuple[int, ...], cuda: bool) -> tuple[int, ...]:
     """Sorted distinct batch sizes, batch 1 always among them."""
     return tuple(sorted({1, *(requested or default_batches(cuda))}))
-
-
-def mask_agreement(mask: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two masks; 1.0 when both are empty."""
-    if mask.shape != reference.shape:
-        raise ValueError(f"mask shapes differ: {mask.shape} vs {reference.shape}")
-    if not mask.any() and not reference.any():
-        return 1.0
-    return float(dice(mask, reference))
 
 
 def _maxrss_mb() -> float | None:
@@ -464,7 +455,7 @@ def _judge(ctx: _Context, row: BenchmarkRow, mask: np.ndarray, is_reference: boo
     if ctx.reference is None:
         row.agreement_note = ctx.reference_note or "no torch fp32 reference: agreement not measured"
         return
-    row.agreement = mask_agreement(mask, ctx.reference)
+    row.agreement = agreement(mask, ctx.reference)
     if row.agreement < ctx.req.threshold:
         row.status = PARITY
         why = f"agreement {row.agreement:.4f} < {ctx.req.threshold}"

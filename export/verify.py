@@ -34,6 +34,7 @@ from dtml_deploy.artifacts import ONNX_INPUT, ONNX_OUTPUTS, check_bundle_hash, p
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.errors import BackendUnavailable
+from dtml_deploy.metrics import agreement
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
 
 SDM_BAND_TOL_FP32 = 1e-5  # sdm error budget that sets the fp32 p_dis tolerance through k/4
@@ -105,13 +106,6 @@ def render_report(report: VerifyReport) -> str:
     return "\n".join(rows)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    inter = np.count_nonzero(a & b)
-    total = np.count_nonzero(a) + np.count_nonzero(b)
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
 def reference_outputs(net: DualTaskNet, x: torch.Tensor, k: float) -> dict[str, np.ndarray]:
     """The four graph outputs computed by the PyTorch pair (fp32, eval)."""
     with torch.inference_mode():
@@ -172,7 +166,7 @@ def verify_onnx(bundle: Bundle, onnx_path: Path, *, real_patch: np.ndarray | Non
             err = np.abs(got[name].astype(np.float64) - ref[name].astype(np.float64))
             report.checks.append(OutputCheck(
                 output=name, source=source, max_abs_err=float(err.max()), mean_abs_err=float(err.mean()),
-                dice=dice(_mask(name, got[name]), _mask(name, ref[name])),
+                dice=agreement(_mask(name, got[name]), _mask(name, ref[name])),
                 tol_abs=float(tol.max_abs[name]), min_dice=tol.min_dice))
     report.seconds = time.perf_counter() - t0
     return report

@@ -277,3 +277,16 @@ def test_real_la_labels_match_medpy() -> None:
         names = list(perturbed) if i == 0 else ["dilated_half_eroded_half"]
         for name in names:
             check_against_medpy(perturbed[name], gt, spacing=0.625 if i == 1 else None)
+
+
+def test_agreement_between_predictions() -> None:
+    from dtml_deploy.metrics import agreement
+
+    a = np.zeros((6, 6, 6), bool)
+    b = np.zeros((6, 6, 6), bool)
+    assert agreement(a, b) == 1.0  # two empty predictions agree; medpy's dc would be nan here
+    a[1:3, 1:3, 1:3] = True  # 8 voxels
+    b[2:4, 1:3, 1:3] = True  # 8 voxels, 4 shared
+    assert agreement(a, b) == pytest.approx(2 * 4 / 16)
+    with pytest.raises(ValueError, match="shapes differ"):
+        agreement(a, b[:5])

@@ -181,3 +181,15 @@ def test_a_640x640x256_volume_fits_a_24_gb_machine():
     expected = (1 / (1 + np.exp(-(vol + 1))) + 1 / (1 + np.exp(vol))) / 2 > 0.5
     assert np.array_equal(res.mask.astype(bool), expected)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 < 8.0  # GB (ru_maxrss is KiB on Linux)
+
+
+def test_out_of_memory_is_a_clear_error(rng):
+    from dtml_deploy.errors import OutOfMemory
+
+    class Exhausted(ShiftPredictor):
+        def predict(self, windows):
+            raise MemoryError
+
+    vol = rng.standard_normal((40, 40, 40)).astype(np.float32)
+    with pytest.raises(OutOfMemory, match=r"host ran out of memory on a 40x40x40 volume \(batch 3\); lower --batch"):
+        SlidingWindowEngine(Exhausted(("p_seg",)), (16, 16, 16), EngineConfig(qc=False)).run(vol)

@@ -104,8 +104,11 @@ class SlidingWindowEngine:
             return self._run(volume, progress)
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemory(
-                f"the device ran out of memory (batch {self.backend.options.batch}); "
+                f"the GPU ran out of memory (batch {self.backend.options.batch}); "
                 "lower --batch, or run with --device cpu") from None
+        except MemoryError:
+            raise OutOfMemory(f"the host ran out of memory on a {'x'.join(map(str, volume.shape))} volume "
+                              f"(batch {self.backend.options.batch}); lower --batch or free memory") from None
 
     def _run(self, volume: np.ndarray, progress: Callable[[int, int], None] | None) -> StitchResult:
         cfg, patch, dev = self.config, self.patch, self.backend.device

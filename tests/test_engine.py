@@ -193,3 +193,15 @@ def test_out_of_memory_is_a_clear_error(rng):
     vol = rng.standard_normal((40, 40, 40)).astype(np.float32)
     with pytest.raises(OutOfMemory, match=r"host ran out of memory on a 40x40x40 volume \(batch 3\); lower --batch"):
         SlidingWindowEngine(Exhausted(("p_seg",)), (16, 16, 16), EngineConfig(qc=False)).run(vol)
+
+
+def test_backend_output_order_does_not_matter(rng):
+    """The engine maps channels by name, whatever order the backend produces them in."""
+    vol = rng.standard_normal((30, 30, 30)).astype(np.float32)
+    cfg = EngineConfig(head="mean", keep_prob=True, keep_uncertainty=True)
+    a = SlidingWindowEngine(ShiftPredictor(("p_seg", "p_dis")), (16, 16, 16), cfg).run(vol)
+    b = SlidingWindowEngine(ShiftPredictor(("p_dis", "p_seg")), (16, 16, 16), cfg).run(vol)
+    c = SlidingWindowEngine(ShiftPredictor(("sdm", "p_dis", "p_seg")), (16, 16, 16), cfg).run(vol)
+    for other in (b, c):
+        assert np.array_equal(a.prob, other.prob) and np.array_equal(a.uncertainty, other.uncertainty)
+        assert a.agreement == other.agreement

@@ -97,6 +97,9 @@ class SlidingWindowEngine:
         self.patch = tuple(int(p) for p in patch)
         self.config = config
         self._index = {c: backend.outputs.index(c) for c in config.channels}
+        # accumulator channel i holds config.channels[i]; pick them out of the backend's output order
+        order = [backend.outputs.index(c) for c in config.channels]
+        self._select = None if order == list(range(len(backend.outputs))) else order
 
     def run(self, volume: np.ndarray, progress: Callable[[int, int], None] | None = None) -> StitchResult:
         """Segment a normalised float32 volume (X, Y, Z)."""
@@ -144,7 +147,7 @@ class SlidingWindowEngine:
                 pred = self.backend.predict(torch.stack(views)[:, None])
                 for j, (x, y, z) in enumerate(chunk):
                     region = acc[:, x - lo:x - lo + patch[0], y:y + patch[1], z:z + patch[2]]
-                    maps = pred[j, [self._index[c] for c in self._index]] if n_acc < pred.shape[1] else pred[j]
+                    maps = pred[j] if self._select is None else pred[j, self._select]
                     if weight is None:
                         region.add_(maps)
                     else:

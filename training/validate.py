@@ -22,9 +22,10 @@ def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase,
     """Mean Dice of each head (overlap 0.5, Gaussian blending, largest component) over `cases`."""
     bundle = Bundle.from_net(net, model_cfg)
     opts = BackendOptions(device=str(device), precision="fp32", batch=2)
-    backend = TorchBackend(bundle, opts, ("p_seg", "p_dis"))
-    segmenters = {head: Segmenter(bundle, backend, SegmentOptions(engine=EngineConfig(head=head, qc=True)))
-                  for head in ("seg", "sdm")}
+    # One backend per head, each running only its own network: every network runs once per case.
+    segmenters = {head: Segmenter(bundle, TorchBackend(bundle, opts, (channel,)),
+                                  SegmentOptions(engine=EngineConfig(head=head, qc=False)))  # type: ignore[arg-type]
+                  for head, channel in (("seg", "p_seg"), ("sdm", "p_dis"))}
     scores: dict[str, list[float]] = {head: [] for head in segmenters}
     for case in cases:
         img = load_image(case)

@@ -153,8 +153,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
         # Fail on an impossible batch composition before spending time on loading.
-        TwoStreamSampler(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs, cfg.unlabeled_bs,
-                         cfg.seed, 0, 0)
+        TwoStreamSampler.check(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs, cfg.unlabeled_bs)
         t_load = time.perf_counter()
         cache: VolumeCache = load_training_volumes(self.split, intensity=cfg.intensity)  # type: ignore[arg-type]
         data_fp = fingerprint(self.split)

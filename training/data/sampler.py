@@ -25,14 +25,19 @@ class TwoStreamSampler:
 
     def __init__(self, n_labeled: int, n_unlabeled: int, labeled_bs: int, unlabeled_bs: int,
                  seed: int, start: int, stop: int, rank: int = 0) -> None:
-        if n_labeled < labeled_bs or labeled_bs < 1:
-            raise ValueError(f"need at least labeled_bs={labeled_bs} >= 1 labeled cases, have {n_labeled}")
-        if unlabeled_bs and n_unlabeled < 1:
-            raise ValueError("unlabeled_bs > 0 but there are no unlabeled cases")
+        self.check(n_labeled, n_unlabeled, labeled_bs, unlabeled_bs)
         self.n_l, self.n_u = n_labeled, n_unlabeled
         self.l_bs, self.u_bs = labeled_bs, unlabeled_bs
         self.seed, self.rank = seed, rank
         self.start, self.stop = start, stop
+
+    @staticmethod
+    def check(n_labeled: int, n_unlabeled: int, labeled_bs: int, unlabeled_bs: int) -> None:
+        """Refuse a batch composition the cases cannot fill."""
+        if n_labeled < labeled_bs or labeled_bs < 1:
+            raise ValueError(f"need at least labeled_bs={labeled_bs} >= 1 labeled cases, have {n_labeled}")
+        if unlabeled_bs and n_unlabeled < 1:
+            raise ValueError("unlabeled_bs > 0 but there are no unlabeled cases")
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)

@@ -320,7 +320,9 @@ def _case_list(source: object, cases: str) -> list[str]:
     if cases in splits:
         return list(splits[cases])
     if Path(cases).is_file():
-        return [ln.strip().split("/")[0] for ln in Path(cases).read_text().splitlines() if ln.strip()]
+        from dtml_deploy.io.datasets import read_case_list
+
+        return read_case_list(Path(cases))
     ids = [c.strip() for c in cases.split(",") if c.strip()]
     known = set(getattr(source, "case_ids", ()))
     unknown = [c for c in ids if c not in known]

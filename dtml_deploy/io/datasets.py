@@ -73,7 +73,8 @@ class DataSource:
         return UnlabeledCase(case_id, self.image_ref(case_id))
 
 
-def _read_list(path: Path) -> list[str]:
+def read_case_list(path: Path) -> list[str]:
+    """Case ids of a list file, one per line (UA-MT's `<ID>/mri_norm2.h5` lines give `<ID>`)."""
     return [ln.strip().split("/")[0] for ln in path.read_text().splitlines() if ln.strip()]
 
 
@@ -94,7 +95,7 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
         if len(suffixes) != 1:
             raise DataError(f"{root}: mixes .nii and .nii.gz files")
         if list_file is not None:
-            ids = _read_list(Path(list_file))
+            ids = read_case_list(Path(list_file))
         return DataSource(root, "folders", tuple(ids), {"train": ids}, Path(labels_dir), suffixes.pop())
     if (root / "images").is_dir():
         splits_path = root / "splits.json"
@@ -106,7 +107,7 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
                 raise DataError(f"{splits_path}: not valid JSON ({e})") from None
             splits = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
         if list_file is not None:
-            ids = _read_list(Path(list_file))
+            ids = read_case_list(Path(list_file))
         elif "train" in splits:
             ids = splits["train"]
         else:
@@ -117,7 +118,7 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
         return DataSource(root, "la2018", tuple(ids), splits)
     lst = Path(list_file) if list_file is not None else root / "train.list"
     if lst.is_file():
-        ids = _read_list(lst)
+        ids = read_case_list(lst)
         if not ids:
             raise DataError(f"{lst}: the case list is empty")
         return DataSource(root, "h5", tuple(ids), {"train": ids})

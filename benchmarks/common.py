@@ -12,14 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def find_data() -> Path | None:
-    """LA2018 root from DTML_DATA or ../shared/data, or None."""
-    for base in (os.environ.get("DTML_DATA"), REPO.parent / "shared" / "data"):
-        if not base:
-            continue
-        for cand in (Path(base), Path(base) / "LA2018"):
-            if (cand / "images").is_dir():
-                return cand
-    return None
+    """LA2018 root from DTML_DATA or ../shared/data, or None (dtml_deploy.io.datasets.find_la2018)."""
+    from dtml_deploy.io.datasets import find_la2018
+
+    return find_la2018()
 
 
 def machine() -> str:

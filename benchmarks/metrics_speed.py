@@ -21,11 +21,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def default_data() -> Path:
-    env = os.environ.get("DTML_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
 def labels_dir(data: Path) -> Path:
     for cand in (data / "LA2018" / "labels", data / "labels"):
         if cand.is_dir():
@@ -51,7 +46,7 @@ def realistic_prediction(gt: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data(),
+    parser.add_argument("--data", type=Path, default=None,
                         help="data root holding LA2018/ (default: $DTML_DATA or ../shared/data)")
     parser.add_argument("--cases", type=int, default=10, help="number of labels to time (default 10)")
     parser.add_argument("--json", type=Path, default=None, help="also write the totals as JSON")
@@ -63,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
     from medpy.metric import binary as medpy_binary
 
+    from dtml_deploy.io.datasets import find_la2018
     from dtml_deploy.metrics import case_metrics
+
+    if args.data is None:
+        args.data = find_la2018()
+        if args.data is None:
+            raise SystemExit("no LA2018 found: set DTML_DATA or pass --data")
 
     files = sorted(labels_dir(args.data).glob("*.nii.gz"))[: args.cases]
     if not files:

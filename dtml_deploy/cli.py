@@ -12,9 +12,12 @@ import sys
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from dtml_deploy.bundle import Bundle
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="DTML: train, export, segment, evaluate and benchmark dual-task V-Nets.")
@@ -197,13 +200,18 @@ def train(
                    f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
 
 
-def _artifact_for(backend: str, model: Path, artifact: Path | None, precision: str | None) -> Path | None:
-    """onnx without --artifact: a verified export cached per bundle (lazy import of export/)."""
+def _load_for_backend(backend: str, model: Path, artifact: Path | None,
+                      precision: str | None) -> tuple[Bundle, Path | None]:
+    """Load the bundle once; for onnx without --artifact also find (or make) its cached, verified export
+    (lazy import of export/)."""
+    from dtml_deploy.bundle import Bundle
+
+    bundle = Bundle.load(model)
     if backend != "onnx" or artifact is not None:
-        return artifact
+        return bundle, artifact
     from export.pipeline import cached_onnx
 
-    return cached_onnx(model, precision or "fp32", lambda m: typer.echo(m, err=True))
+    return bundle, cached_onnx(bundle, model, precision or "fp32", lambda m: typer.echo(m, err=True))
 
 
 @app.command("export")
@@ -298,15 +306,16 @@ def segment(
 
         model_path = _bundle_path(model)
         prec = precision.value if precision else None
+        bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec)
         req = SegmentRequest(
             inputs=_expand_inputs(inputs), output=output, model=model_path, backend=backend.value,
-            artifact=_artifact_for(backend.value, model_path, artifact, prec), device=device, precision=prec,
+            artifact=artifact, device=device, precision=prec,
             overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
             head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
             save_uncertainty=save_uncertainty, overwrite=overwrite, json_report=json_report,
             compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, progress=progress)
-        reports = run_segment(req)
+        reports = run_segment(req, bundle)
     failed = [r for r in reports if r.status != "ok"]
     if not reports:
         raise _fail("no input scans found")
@@ -370,14 +379,15 @@ def evaluate(
             source = open_source(data, labels_dir=labels)
             ids = _case_list(source, cases) if cases else list(source.case_ids)
             model_path = _bundle_path(model)
+            bundle, artifact = _load_for_backend(backend.value, model_path, artifact,
+                                                 precision.value if precision else None)
             req = SegmentRequest(inputs=[], output=Path("."), model=model_path, backend=backend.value,
-                                 artifact=_artifact_for(backend.value, model_path, artifact,
-                                                        precision.value if precision else None), device=device,
+                                 artifact=artifact, device=device,
                                  precision=precision.value if precision else None, overlap=overlap,
                                  stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
                                  head=head.value, qc=True, lcc=lcc, resample=resample,
                                  intensity=intensity.value)
-            segmenter = build_segmenter(req)
+            segmenter = build_segmenter(req, bundle)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
             rows = score_model(segmenter, [source.labeled(i) for i in ids],

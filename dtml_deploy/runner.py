@@ -62,9 +62,10 @@ def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
         keep_uncertainty=req.save_uncertainty and both)
 
 
-def build_segmenter(req: SegmentRequest) -> Segmenter:
-    """Load the bundle, create the backend and bind them with the engine options of `req`."""
-    bundle = Bundle.load(req.model)
+def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmenter:
+    """Create the backend for `bundle` (loaded from `req.model` when not given) and bind them with the
+    engine options of `req`."""
+    bundle = bundle if bundle is not None else Bundle.load(req.model)
     engine = engine_config(req, bundle)
     precision = req.precision or default_precision(req.device)
     # The fastest measured CUDA configuration (benchmarks/results/segment_speed_h200.md) is the default.
@@ -78,13 +79,13 @@ def build_segmenter(req: SegmentRequest) -> Segmenter:
                                                             intensity=req.intensity))  # type: ignore[arg-type]
 
 
-def run_segment(req: SegmentRequest) -> list[CaseReport]:
+def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseReport]:
     """Segment every input; a failing case becomes a 'failed' report and the rest go on."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
-    segmenter = build_segmenter(req)
+    segmenter = build_segmenter(req, bundle)
     bundle, backend = segmenter.bundle, segmenter.backend
     err.print(f"dtml: {len(req.inputs)} scan(s) with {backend.describe()}", highlight=False)
     names = [case_name(p) for p in req.inputs]

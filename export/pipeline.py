@@ -130,9 +130,8 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[
     return results
 
 
-def cached_onnx(bundle_dir: Path, precision: str, echo: Callable[[str], None] = print) -> Path:
-    """The verified ONNX export of a bundle in the user cache, exported on first use."""
-    bundle = Bundle.load(bundle_dir)
+def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable[[str], None] = print) -> Path:
+    """The verified ONNX export of `bundle` (loaded from `bundle_dir`) in the user cache, exported on first use."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtml" / bundle.content_hash
     path = artifact_path(root, "onnx", precision)
     if not path.is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,11 @@ import torch
 
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig, NetConfig
+from dtml_deploy.io.datasets import find_la2018
 from dtml_deploy.nets.dual import DualTaskNet
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "la_sample"  # 3 real LA cases, cropped to 80x72x56, shipped in git
-
-
-def _find_la2018() -> Path | None:
-    for base in (os.environ.get("DTML_DATA"), str(REPO.parent / "shared" / "data")):
-        if not base:
-            continue
-        for cand in (Path(base), Path(base) / "LA2018"):
-            if (cand / "images").is_dir() and (cand / "splits.json").is_file():
-                return cand
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +26,7 @@ def sample_root() -> Path:
 @pytest.fixture(scope="session")
 def la2018() -> Path:
     """The full LA2018 training set; tests that need it skip when it is absent."""
-    root = _find_la2018()
+    root = find_la2018()
     if root is None:
         pytest.skip("LA2018 not found: set DTML_DATA or place it at ../shared/data/LA2018")
     return root

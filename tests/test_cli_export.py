@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from dtml_deploy.bundle import Bundle
 from dtml_deploy.cli import app
 from dtml_deploy.metrics import dice
 from tests.conftest import make_bundle
@@ -70,8 +71,13 @@ def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root,
     scan, cid = _case(sample_root)
     common = ["--model", bundle_dir, "--device", "cpu", "--no-progress", "--save-prob", "--overlap", "0.25"]
     r1 = _run("segment", scan, "-o", tmp_path / "torch", "--backend", "torch", *common)
+    loads: list[object] = []
+    real_load = Bundle.load.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(Bundle, "load", classmethod(lambda cls, path, *a, **k: loads.append(path)
+                                                    or real_load(cls, path, *a, **k)))
     r2 = _run("segment", scan, "-o", tmp_path / "onnx", "--backend", "onnx", *common)  # exports into the cache
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    assert len(loads) == 1  # one read of the bundle serves the export lookup and the segmenter
     assert list((tmp_path / "cache" / "dtml").glob("*/model-fp32.onnx"))
     m1 = np.asarray(nib.load(str(tmp_path / "torch" / f"{cid}.nii.gz")).dataobj)
     m2 = np.asarray(nib.load(str(tmp_path / "onnx" / f"{cid}.nii.gz")).dataobj)

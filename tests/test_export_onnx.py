@@ -9,7 +9,6 @@ p_dis and prob checked by Dice >= 0.98 only.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -216,23 +215,10 @@ def test_formats_table():
         FORMATS["onnx"].filename("int8")
 
 
-def _la_image() -> Path | None:
-    env = os.environ.get("DTML_DATA")
-    roots = [Path(env)] if env else [REPO.parent / "shared" / "data"]
-    for root in roots:
-        for cand in (root / "LA2018" / "images", root / "images"):
-            found = sorted(cand.glob("*.nii.gz")) if cand.is_dir() else []
-            if found:
-                return found[0]
-    return None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_real_la_patch_agrees(exports, bundle, precision):
-    path = _la_image()
-    if path is None:
-        pytest.skip("LA2018 images not found: set DTML_DATA or provide ../shared/data/LA2018")
+def test_real_la_patch_agrees(exports, bundle, precision, la2018):
+    path = sorted((la2018 / "images").glob("*.nii.gz"))[0]
     nib = pytest.importorskip("nibabel")
     image = nib.load(str(path)).get_fdata(dtype=np.float32)  # already z-scored upstream
     start = [(s - p) // 2 for s, p in zip(image.shape, PATCH, strict=True)]

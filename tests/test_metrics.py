@@ -7,7 +7,6 @@ arithmetic, not to approximate it.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -20,17 +19,6 @@ from dtml_deploy.metrics import asd, case_metrics, dice, hd95, jaccard, summaris
 medpy_binary = pytest.importorskip("medpy.metric.binary", reason="medpy (dev extra) is the reference")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _la_labels_dir() -> Path | None:
-    """LA2018 labels: $DTML_DATA (the data root holding LA2018/, or LA2018 itself), else ../shared/data."""
-    env = os.environ.get("DTML_DATA")
-    roots = [Path(env)] if env else [REPO.parent / "shared" / "data"]
-    for root in roots:
-        for cand in (root / "LA2018" / "labels", root / "labels"):
-            if cand.is_dir() and any(cand.glob("*.nii.gz")):
-                return cand
-    return None
 
 
 def medpy_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None) -> dict[str, float]:
@@ -265,10 +253,8 @@ def _perturbations(gt: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_real_la_labels_match_medpy() -> None:
-    labels = _la_labels_dir()
-    if labels is None:
-        pytest.skip("LA2018 labels not found: set DTML_DATA or provide ../shared/data/LA2018")
+def test_real_la_labels_match_medpy(la2018: Path) -> None:
+    labels = la2018 / "labels"
     nib = pytest.importorskip("nibabel")
     files = sorted(labels.glob("*.nii.gz"))[:2]
     for i, path in enumerate(files):

@@ -34,6 +34,7 @@ class BackendOptions:
     compile: bool = False  # torch: torch.compile the pair
     cuda_graphs: bool = False  # torch: replay a captured CUDA graph per batch
     cudnn_fusion: bool = False  # torch, CUDA: conv + ReLU as one cuDNN call
+    keep_host_memory: bool = True  # torch, CPU: glibc keeps freed blocks for reuse (backends/host_memory.py)
     artifact: Path | None = None  # onnx/trt: a prebuilt .onnx / .engine (else looked up or exported)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dtml_deploy.backends.base import Backend, BackendOptions
+from dtml_deploy.backends.host_memory import keep_freed_host_memory
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
@@ -49,6 +50,9 @@ class TorchBackend(Backend):
             raise BackendUnavailable("fp16 is not supported on the CPU; use --precision fp32 or bf16")
         if options.cuda_graphs and self.device.type != "cuda":
             raise BackendUnavailable("CUDA graphs need --device cuda")
+        # Process-wide: stops every CPU forward from re-faulting ~1 GB of fresh pages (host_memory.py).
+        self._host_memory_kept = (self.device.type == "cpu" and options.keep_host_memory
+                                  and keep_freed_host_memory())
         if self.device.type == "cuda":
             # cuDNN's default heuristics pick slow kernels for these 3D convolutions; autotuning once per
             # shape pays back within one volume. PyTorch offers this switch only process-wide.
@@ -106,5 +110,6 @@ class TorchBackend(Backend):
         extras = [s for s, on in (("channels_last_3d", self.options.channels_last),
                                   ("BN folded", self.options.fold_bn), ("compiled", self.options.compile),
                                   ("cuDNN conv+ReLU", self.options.cudnn_fusion),
-                                  ("CUDA graphs", self.options.cuda_graphs)) if on]
+                                  ("CUDA graphs", self.options.cuda_graphs),
+                                  ("host memory kept", self._host_memory_kept)) if on]
         return f"torch on {self.device} ({self.options.precision}, batch {self.options.batch}, {', '.join(extras)})"

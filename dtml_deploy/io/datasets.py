@@ -12,6 +12,7 @@ code holding an unlabeled case has no way to reach its label, so a semi-supervis
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,3 +162,19 @@ def make_split(source: DataSource, n_labeled: int, n_unlabeled: int | None, n_va
     return Split(tuple(source.labeled(i) for i in labeled_ids),
                  tuple(source.unlabeled(i) for i in unl_ids),
                  tuple(source.labeled(i) for i in val_ids))
+
+
+def find_la2018() -> Path | None:
+    """The LA2018 folder (holding images/ and labels/), or None when absent.
+
+    Looks in $DTML_DATA (a data root holding LA2018/, or LA2018 itself), then in ../shared/data next to
+    this source checkout (the developers' layout). Tests and benchmarks find the full data set this way.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    for base in (os.environ.get("DTML_DATA"), checkout.parent / "shared" / "data"):
+        if not base:
+            continue
+        for cand in (Path(base), Path(base) / "LA2018"):
+            if (cand / "images").is_dir() and (cand / "labels").is_dir():
+                return cand
+    return None

@@ -3,7 +3,9 @@
 Every row runs the full pair (M_s and M_d: outputs p_seg and p_dis) on a batch of `--batch` windows of
 `--patch`, random weights (BatchNorm folded everywhere). Rows are timed in interleaved rounds (one call
 of each row per round, after `--warmup` calls each), so load from other processes hits them alike;
-the figure is the median over `--repeats` rounds, in ms per window.
+the figure is the median over `--repeats` rounds, in ms per window. The torch backends switch on
+dtml's process-wide host-memory setting (dtml_deploy/backends/host_memory.py), so every row, the plain
+contiguous torch row included, runs with it; segment_speed.py measures the setting's own effect.
 
 CPU rows: torch fp32 (contiguous, and channels_last_3d) vs onnxruntime fp32 through the real
 backends; `--explore` adds onnxruntime session-option variants, `--bf16` a torch bf16 row and

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from dtml_deploy.backends.base import BackendOptions, create_backend
-
 from tests.conftest import make_bundle
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",

@@ -15,7 +15,7 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
                            reason="the setting is glibc-only (a no-op elsewhere)")
 
 # Allocates, fills and frees a 64 MiB tensor (the size of one full-resolution V-Net activation) five
-# times and counts the minor page faults, before and after the setting.
+# times a round and counts the minor page faults of a round, before and after the setting.
 _SCRIPT = """
 import resource, torch
 from dtml_deploy.backends.host_memory import keep_freed_host_memory
@@ -31,8 +31,8 @@ def faults():
 faults()
 default = faults()
 ok = keep_freed_host_memory()
-faults()  # the heap grows once
-print(ok, default, faults())
+kept = sorted(faults() for _ in range(7))  # the heap grows during the first rounds, then serves them all
+print(ok, default, kept[3])
 """
 
 
@@ -43,7 +43,7 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 5 * (64 << 20) // 4096
     assert ok == "True"
     assert int(default) > 0.9 * pages  # glibc's defaults: every 64 MiB block is mapped afresh
-    assert int(kept) < 0.02 * pages  # kept: the same pages serve every allocation
+    assert int(kept) < 0.02 * pages  # kept (median round): the same pages serve every allocation
 
 
 @glibc

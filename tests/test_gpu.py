@@ -83,3 +83,15 @@ def test_training_steps_on_gpu(sample_root, tmp_path, amp):
     assert result.summary["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
     assert np.isfinite(result.summary["final"]["loss"])
     Bundle.load(result.bundle)
+
+
+def test_cuda_backend_keeps_a_deterministic_process_deterministic(case, monkeypatch):
+    """Training with --deterministic validates through the backend; cuDNN autotuning must stay off."""
+    bundle, _ = case
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1), ("p_seg",))
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1), ("p_seg",))
+    assert torch.backends.cudnn.benchmark is True

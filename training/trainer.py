@@ -4,7 +4,7 @@ One iteration: a batch of `labeled_bs` labeled + `unlabeled_bs` unlabeled patche
 networks; the summed objective L_seg + L_dis + w(t) * L_con is backpropagated once (for the code
 schedule w(t) = 2 lambda(t): exactly the gradients of the released code's two backward calls), and
 each network's own SGD optimiser steps. CUDA runs under autocast (bf16 by default) with
-channels_last_3d; the CPU runs fp32. The same code serves both.
+channels_last_3d; the CPU runs fp32, with freed host memory kept for reuse. The same code serves both.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dtml_deploy.backends.host_memory import keep_freed_host_memory
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.datasets import Split
@@ -134,6 +135,10 @@ class Trainer:
                               else ("cpu" if cfg.device == "auto" else cfg.device))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DtmlError("--device cuda asked for, but torch sees no CUDA device")
+        if device.type == "cpu":
+            # Same page-fault cost as CPU inference (dtml_deploy/backends/host_memory.py): one CPU training
+            # step of an n_filters=8 V-Net on 2x96x96x64 took 0.83 s with glibc's defaults, 0.58 s kept.
+            keep_freed_host_memory()
         dist_info = init_distributed(device.type)
         if dist_info.world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", dist_info.local_rank)

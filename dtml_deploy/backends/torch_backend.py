@@ -53,9 +53,10 @@ class TorchBackend(Backend):
         # Process-wide: stops every CPU forward from re-faulting ~1 GB of fresh pages (host_memory.py).
         self._host_memory_kept = (self.device.type == "cpu" and options.keep_host_memory
                                   and keep_freed_host_memory())
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not torch.backends.cudnn.deterministic:
             # cuDNN's default heuristics pick slow kernels for these 3D convolutions; autotuning once per
-            # shape pays back within one volume. PyTorch offers this switch only process-wide.
+            # shape pays back within one volume. PyTorch offers this switch only process-wide, so a
+            # process that asked for determinism (`dtml train --deterministic` validating) keeps it.
             torch.backends.cudnn.benchmark = True
         net = bundle.build()
         if options.fold_bn:

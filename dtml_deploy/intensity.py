@@ -46,6 +46,9 @@ def prepare(image: np.ndarray, cfg: IntensityConfig, policy: Policy = "auto",
     if policy not in POLICIES:
         raise ValueError(f"intensity policy must be one of {POLICIES}, got {policy!r}")
     x = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():  # files are checked when read; arrays handed in directly are checked here
+        raise InputError(f"{name}: {int(x.size - finite.sum())} voxels are NaN or infinite")
     if float(x.max()) == float(x.min()):
         raise InputError(f"{name}: constant image (every voxel is {float(x.min()):g}); nothing to segment")
     if cfg.mode == "none" or policy == "none" or (policy == "auto" and looks_zscored(x)):

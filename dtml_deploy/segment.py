@@ -17,9 +17,9 @@ from dtml_deploy.backends.base import Backend
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
-from dtml_deploy.errors import InputError
+from dtml_deploy.errors import InputError, OutOfMemory
 from dtml_deploy.intensity import Policy, prepare
-from dtml_deploy.io.volume import Volume, read_volume, write_like
+from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
 
@@ -128,7 +128,8 @@ class Segmenter:
 
     def segment_file(self, path: Path, out_dir: Path, overwrite: bool = False,
                      progress: Any = None) -> CaseReport:
-        """Segment one file into `out_dir/<case>.nii.gz` (+ optional maps); never raises InputError."""
+        """Segment one file into `out_dir/<case>.nii.gz` (+ optional maps) and report. Bad input, running
+        out of memory and unwritable outputs become a 'failed' report, so a batch goes on."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
@@ -142,10 +143,10 @@ class Segmenter:
             seg = self.segment_array(vol.array, vol.spacing if vol.header is not None else None,
                                      str(path), progress)
             t = time.perf_counter()
-            write_like(vol, seg.mask, outputs["mask"], np.uint8)
-            for key, arr in (("prob", seg.prob), ("sdm", seg.sdm), ("uncertainty", seg.uncertainty)):
-                if arr is not None and key in outputs:
-                    write_like(vol, arr, outputs[key], np.float32)
+            maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
+                    "uncertainty": (seg.uncertainty, np.float32)}
+            # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
+            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None])
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t
             report.status = "ok"
@@ -158,8 +159,11 @@ class Segmenter:
             report.resampled = seg.resampled
             report.intensity = seg.intensity
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
-        except InputError as e:
+        except (InputError, OutOfMemory) as e:
             report.error = str(e)
+        except OSError as e:  # an output that cannot be written (disk full, a folder in the way, ...)
+            report.error = f"{path}: cannot write its outputs: {e.strerror or e}" + (
+                f": {e.filename}" if e.filename else "")
         return report
 
     def _output_paths(self, vol: Volume, out_dir: Path) -> dict[str, Path]:

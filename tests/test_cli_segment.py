@@ -359,6 +359,23 @@ def test_existing_output_needs_overwrite(scans: Path, bundle_dir: Path, tmp_path
     assert [p.name for p in out.iterdir()] == [src.name]  # no temp files left beside it
 
 
+def test_a_case_whose_outputs_cannot_all_be_written_leaves_none_and_the_batch_goes_on(
+        scans: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    first, second = sorted(scans.glob("*.nii.gz"))[:2]
+    out = tmp_path / "out"
+    blocker = out / first.name.replace(".nii.gz", "_sdm.nii.gz")
+    blocker.mkdir(parents=True)  # a folder where the first case's SDM map must go
+    r = _cli("segment", first, second, "-o", out, "--model", bundle_dir, *CPU, "--save-prob", "--save-sdm",
+             "--overwrite")
+    assert r.exit_code == 1, r.output  # some inputs failed
+    (err,) = _error_lines(r)
+    assert str(first) in err and str(blocker) in err
+    stem = second.name.replace(".nii.gz", "")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [blocker.name, second.name, f"{stem}_prob.nii.gz", f"{stem}_sdm.nii.gz"])  # nothing of the first case
+    assert blocker.is_dir() and not any(blocker.iterdir())
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "not-a-bundle"])
 def test_bad_bundle_path(scans: Path, tmp_path: Path, kind: str) -> None:
     model = tmp_path / "model"

@@ -18,8 +18,8 @@ import pytest
 
 from dtml_deploy.config import IntensityConfig
 from dtml_deploy.errors import DtmlError, InputError
-from dtml_deploy.intensity import normalise
-from dtml_deploy.io.atomic import atomic_path, atomic_write_text
+from dtml_deploy.intensity import normalise, prepare
+from dtml_deploy.io.atomic import atomic_path, atomic_paths, atomic_write_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume, write_like
 from dtml_deploy.segment import case_name
 
@@ -325,6 +325,16 @@ def test_normalise_constant_image_raises() -> None:
         normalise(np.zeros((4, 4, 4), dtype=np.float32), IntensityConfig(), name="flat.nii.gz")
 
 
+@pytest.mark.parametrize("policy", ["auto", "zscore", "none"])
+def test_prepare_refuses_non_finite_arrays(policy: str) -> None:
+    """Arrays handed to the Segmenter directly (files are checked when read): a NaN would blank every
+    window it touches without a word."""
+    x = np.random.default_rng(0).standard_normal((16, 12, 8)).astype(np.float32)
+    x[3, 4, 5], x[0, 0, 0] = np.nan, np.inf
+    with pytest.raises(InputError, match=r"scan\.nii\.gz: 2 voxels are NaN or infinite"):
+        prepare(x, IntensityConfig(), policy, name="scan.nii.gz")  # type: ignore[arg-type]
+
+
 def test_normalise_zscore_against_float64_reference(sample_root: Path) -> None:
     """Tolerance: the result is float32, so per-voxel agreement with float64 is ~1e-6 relative to the
     value range (we allow 1e-5 absolute on z-scores up to ~10); mean/std of the result within 1e-5."""
@@ -396,6 +406,21 @@ def test_failed_write_leaves_no_temp_and_no_partial_file(sample_root: Path, tmp_
         write_like(vol, 1 - mask, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["case.nii.gz"]
+
+
+def test_atomic_paths_put_all_files_in_place_or_none(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz"
+    c.mkdir()  # the third rename cannot replace a folder
+    with pytest.raises(OSError), atomic_paths([a, b, c]) as tmps:
+        for t in tmps:
+            t.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.nii.gz"]  # a and b were taken back
+
+    with atomic_paths([a, b]) as tmps:
+        for i, t in enumerate(tmps):
+            t.write_bytes(bytes([i]))
+    assert a.read_bytes() == b"\x00" and b.read_bytes() == b"\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
 
 
 def test_atomic_path_and_text(tmp_path: Path) -> None:

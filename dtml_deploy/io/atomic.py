@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -22,24 +22,47 @@ def _public(path: Path, directory: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside `path`; rename it onto `path` only if the block succeeds.
+def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Yield temporary file paths beside `paths`; if the block succeeds, rename each onto its path.
 
-    The temporary name keeps the final suffixes (nibabel picks the format from them).
+    All files appear under their final names or none does: a rename that fails (say, the target is a
+    directory) removes the ones this call already put in place. Temporary names keep the final suffixes
+    (nibabel picks the format from them).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes) or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
     try:
-        yield tmp_path
-        if tmp_path.exists():
-            _public(tmp_path, directory=False)
-        os.replace(tmp_path, path)
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes) or ".tmp",
+                                       dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        placed: list[Path] = []
+        try:
+            for tmp, path in zip(tmps, paths, strict=True):
+                if tmp.exists():
+                    _public(tmp, directory=False)
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:  # name the output, not the hidden temporary file
+                    raise OSError(e.errno, e.strerror, str(path)) from e
+                placed.append(path)
+        except BaseException:
+            for done in placed:
+                done.unlink(missing_ok=True)
+            raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """`atomic_paths` for one file."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,6 +7,7 @@ Every failure is an `InputError` whose message names the file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dtml_deploy.errors import InputError
-from dtml_deploy.io.atomic import atomic_path
+from dtml_deploy.io.atomic import atomic_paths
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
@@ -109,11 +110,29 @@ def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint
 
     The write is atomic and refuses to replace `ref`'s own file.
     """
+    write_all_like(ref, [(Path(path), array, dtype)])
+    return Path(path)
+
+
+def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]]) -> None:
+    """`write_like` for several arrays as one unit: every file appears, or none does."""
     import nibabel as nib
 
-    path = Path(path)
-    if path.resolve() == ref.path.resolve():
-        raise InputError(f"{path}: refusing to overwrite the input scan")
+    images = []
+    for path, array, dtype in outputs:
+        if Path(path).resolve() == ref.path.resolve():
+            raise InputError(f"{path}: refusing to overwrite the input scan")
+        if not str(path).lower().endswith(NIFTI_SUFFIXES):
+            raise InputError(f"{path}: output must end in .nii or .nii.gz")
+        images.append(_nifti_like(ref, array, dtype))
+    with atomic_paths([Path(p) for p, _, _ in outputs]) as tmps:
+        for tmp, img in zip(tmps, images, strict=True):
+            nib.save(img, str(tmp))
+
+
+def _nifti_like(ref: Volume, array: np.ndarray, dtype: type) -> Any:
+    import nibabel as nib
+
     if tuple(array.shape[:3]) != ref.shape:
         raise ValueError(f"array shape {array.shape} does not match the reference grid {ref.shape}")
     out = np.asarray(array, dtype=dtype)
@@ -130,8 +149,4 @@ def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint
         img.set_qform(ref.affine, code=1)
         img.set_sform(ref.affine, code=1)
     img.header.set_slope_inter(1.0, 0.0) if dtype is not np.uint8 else img.header.set_slope_inter(None, None)
-    if not str(path).lower().endswith(NIFTI_SUFFIXES):
-        raise InputError(f"{path}: output must end in .nii or .nii.gz")
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return img

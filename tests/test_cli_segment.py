@@ -170,6 +170,34 @@ def test_folder_segments_every_case_and_reports(default_run, scans: Path, sample
         assert stages["windows"] > 0
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_tip_only_on_cpus_that_have_it_and_only_by_default(scans: Path, bundle_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    import dtml_deploy.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "cpu_has_native_bf16", lambda: native)
+    src = sorted(scans.glob("*.nii.gz"))[0]
+    r = _cli("segment", src, "-o", tmp_path / "a", "--model", bundle_dir, *CPU)
+    assert r.exit_code == 0 and ("--precision bf16" in r.stderr) == native
+    r = _cli("segment", src, "-o", tmp_path / "b", "--model", bundle_dir, *CPU, "--precision", "fp32")
+    assert r.exit_code == 0 and "--precision bf16" not in r.stderr
+
+
+def test_cpu_bf16_detection(tmp_path: Path) -> None:
+    from dtml_deploy.backends.torch_backend import cpu_has_native_bf16
+
+    def info(flags: str) -> str:
+        p = tmp_path / f"cpuinfo{len(list(tmp_path.iterdir()))}"
+        p.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16x\n\n"
+                     f"processor\t: 1\nflags\t\t: {flags}\n")
+        return str(p)
+
+    assert cpu_has_native_bf16(info("fpu sse avx2 avx512f avx512_bf16 avx512_vnni"))  # Zen 4
+    assert cpu_has_native_bf16(info("fpu avx512f amx_bf16 amx_tile"))  # Sapphire Rapids
+    assert not cpu_has_native_bf16(info("fpu sse avx2 avx512f avx512_vnni"))  # Ice Lake: emulated bf16
+    assert not cpu_has_native_bf16(str(tmp_path / "absent"))  # not Linux
+
+
 def test_inputs_are_never_modified(default_run, maps_run, scans: Path) -> None:
     _, _, before, after = default_run
     assert before == after

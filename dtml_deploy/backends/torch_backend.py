@@ -16,6 +16,17 @@ from dtml_deploy.nets.fold import fold_batchnorm, fuse_conv_relu
 _DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, from /proc/cpuinfo on Linux),
+    so `--precision bf16` pays (about 2x fp32 on a Zen 4, benchmarks/results/dtml_benchmark_cpu.json)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class InferencePair(nn.Module):
     """Runs only the networks the requested channels need; sigmoid/tanh in fp32 on the head output."""
 

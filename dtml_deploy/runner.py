@@ -84,7 +84,7 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # one line per message in logs, however narrow the terminal
     segmenter = build_segmenter(req, bundle)
     bundle, backend = segmenter.bundle, segmenter.backend
     err.print(f"dtml: {len(req.inputs)} scan(s) with {backend.describe()}", highlight=False)
@@ -118,7 +118,8 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
             if rep.status == "ok":
                 s = sum(rep.seconds.values())
                 agree = f", head agreement {rep.agreement:.3f}" if rep.agreement is not None else ""
-                err.print(f"  {name}: {rep.output} ({rep.windows} windows, {s:.2f} s{agree})", highlight=False)
+                windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
+                err.print(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree})", highlight=False)
             else:
                 print(f"error: {rep.error}", file=sys.stderr)
     if req.json_report is not None:

@@ -92,7 +92,8 @@ PrecisionOpt = Annotated[PrecisionName | None,
                          typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
 OverlapOpt = Annotated[float, typer.Option(help="Window overlap fraction")]
 StrideOpt = Annotated[tuple[int, int, int] | None, typer.Option(help="Fixed stride X Y Z (paper: 18 18 4)")]
-BatchOpt = Annotated[int, typer.Option(help="Windows per forward")]
+BatchOpt = Annotated[int | None, typer.Option(
+    help="Windows per forward (default: 8 on CUDA, the fastest measured on an H200; 4 on the CPU)")]
 BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: constant)")]
 HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
 LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
@@ -281,7 +282,7 @@ def segment(
     precision: PrecisionOpt = None,
     overlap: OverlapOpt = 0.5,
     stride: StrideOpt = None,
-    batch: BatchOpt = 4,
+    batch: BatchOpt = None,
     blend: BlendOpt = BlendName.gaussian,
     head: HeadOpt = HeadName.seg,
     qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = True,
@@ -354,7 +355,7 @@ def evaluate(
     precision: PrecisionOpt = None,
     overlap: OverlapOpt = 0.5,
     stride: StrideOpt = None,
-    batch: BatchOpt = 4,
+    batch: BatchOpt = None,
     blend: BlendOpt = BlendName.gaussian,
     head: HeadOpt = HeadName.seg,
     lcc: LccOpt = True,

@@ -27,7 +27,7 @@ class SegmentRequest:
     precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
     overlap: float = 0.5
     stride: tuple[int, int, int] | None = None
-    batch: int = 4
+    batch: int | None = None  # None: default_batch(device)
     blend: str = "gaussian"
     head: str = "seg"
     qc: bool = True
@@ -50,6 +50,12 @@ def default_precision(device: str) -> str:
     return "fp16" if resolve_device(device).type == "cuda" else "fp32"
 
 
+def default_batch(device: str) -> int:
+    """8 on CUDA (fastest on an H200: benchmarks/results/segment_speed_h200.json, batch 16 was slower);
+    4 on the CPU (batch 2 and 4 run level there, 0.76 s per window pair)."""
+    return 8 if resolve_device(device).type == "cuda" else 4
+
+
 def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
     trained = (bundle.meta.get("training") or {}).get("trained", ["seg", "dis"])
     both = "seg" in trained and "dis" in trained
@@ -70,7 +76,8 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
     precision = req.precision or default_precision(req.device)
     # The fastest measured CUDA configuration (benchmarks/results/segment_speed_h200.md) is the default.
     cuda = resolve_device(req.device).type == "cuda"
-    options = BackendOptions(device=req.device, precision=precision, batch=req.batch,  # type: ignore[arg-type]
+    options = BackendOptions(device=req.device, precision=precision,  # type: ignore[arg-type]
+                             batch=default_batch(req.device) if req.batch is None else req.batch,
                              compile=req.compile, artifact=req.artifact,
                              cuda_graphs=cuda if req.cuda_graphs is None else req.cuda_graphs,
                              cudnn_fusion=cuda if req.cudnn_fusion is None else req.cudnn_fusion)
@@ -125,7 +132,7 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
     if req.json_report is not None:
         report = {"backend": backend.describe(), "model": str(req.model), "bundle_hash": bundle.content_hash,
                   "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
-                             "batch": req.batch, "lcc": req.lcc},
+                             "batch": backend.options.batch, "lcc": req.lcc},
                   "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
         atomic_write_text(req.json_report, json.dumps(report, indent=2) + "\n")
     return reports

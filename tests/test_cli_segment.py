@@ -149,6 +149,7 @@ def test_folder_segments_every_case_and_reports(default_run, scans: Path, sample
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
     report = json.loads((out / "report.json").read_text())
     assert report["engine"]["head"] == "seg" and report["engine"]["lcc"] is True
+    assert report["engine"]["batch"] == 4  # the CPU default (8 on CUDA: tests/test_gpu.py)
     cases = {Path(c["input"]).name: c for c in report["cases"]}
     assert sorted(cases) == sorted(f"{i}.nii.gz" for i in ids)
     for cid in ids:
@@ -181,6 +182,13 @@ def test_bf16_tip_only_on_cpus_that_have_it_and_only_by_default(scans: Path, bun
     assert r.exit_code == 0 and ("--precision bf16" in r.stderr) == native
     r = _cli("segment", src, "-o", tmp_path / "b", "--model", bundle_dir, *CPU, "--precision", "fp32")
     assert r.exit_code == 0 and "--precision bf16" not in r.stderr
+
+
+def test_batch_zero_is_an_error_not_the_default(scans: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    r = _cli("segment", sorted(scans.glob("*.nii.gz"))[0], "-o", tmp_path / "o", "--model", bundle_dir, *CPU,
+             "--batch", "0")
+    assert r.exit_code == 2 and r.stderr.strip() == "error: batch must be >= 1, got 0"
+    assert not (tmp_path / "o").exists()
 
 
 def test_cpu_bf16_detection(tmp_path: Path) -> None:

@@ -161,12 +161,12 @@ def _choose_typing(trt: Any, info: ArtifactInfo, fp16: bool, onnx_path: Path) ->
     if info.precision == "fp16":
         if not fp16:
             raise ValueError(f"{onnx_path} is the fp16 graph; build an fp32 engine from the fp32 ONNX "
-                             f"(`dtml export BUNDLE --precision fp32`) or pass fp16=True")
+                             f"(`dtml export --model BUNDLE --precision fp32`) or pass fp16=True")
         return True
     if not has_weak_fp16(trt):  # TensorRT 11: every network is strongly typed
         if fp16:
             raise DtmlError(f"TensorRT {trt.__version__} builds fp16 engines only from the fp16 graph "
-                            f"(strong typing): export it with `dtml export BUNDLE --precision fp16` and "
+                            f"(strong typing): export it with `dtml export --model BUNDLE --precision fp16` and "
                             f"build from that")
         return True
     return False  # TensorRT 10: the classic weakly typed build (fp32, or fp16 via BuilderFlag.FP16)

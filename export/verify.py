@@ -137,7 +137,7 @@ def verify_onnx(bundle: Bundle, onnx_path: Path, *, real_patch: np.ndarray | Non
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     info = parse_onnx_metadata(session.get_modelmeta().custom_metadata_map, str(onnx_path))
-    check_bundle_hash(info.bundle_hash, bundle, str(onnx_path), "dtml export BUNDLE")
+    check_bundle_hash(info.bundle_hash, bundle, str(onnx_path), "dtml export --model BUNDLE")
     tol = tol or tolerance(info.precision, bundle.model.k)
     net = bundle.build("cpu")
     patch = bundle.model.patch_size

@@ -168,7 +168,7 @@ def test_backend_rejects_wrong_window_shapes(exports, bundle):
 
 def test_artifact_of_another_bundle_is_refused(exports):
     other = random_bundle(4, PATCH, seed=1)
-    with pytest.raises(BundleError, match=r"re-export it with `dtml export BUNDLE`") as err:
+    with pytest.raises(BundleError, match=r"re-export it with `dtml export --model BUNDLE`") as err:
         OnnxBackend(other, BackendOptions(device="cpu", artifact=exports["fp32"].path), ("p_seg",))
     assert other.content_hash in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BundleError, match="dtml export"):
@@ -176,7 +176,7 @@ def test_artifact_of_another_bundle_is_refused(exports):
 
 
 def test_missing_artifact_says_how_to_make_one(bundle, tmp_path):
-    with pytest.raises(BackendUnavailable, match=r"run `dtml export BUNDLE` first or pass --artifact"):
+    with pytest.raises(BackendUnavailable, match=r"run `dtml export --model BUNDLE` first or pass --artifact"):
         OnnxBackend(bundle, BackendOptions(device="cpu"), ("p_seg",))
     with pytest.raises(BackendUnavailable, match="no such ONNX file"):
         OnnxBackend(bundle, BackendOptions(device="cpu", artifact=tmp_path / "nope.onnx"), ("p_seg",))

@@ -50,7 +50,7 @@ def test_sidecar_matching_everything_passes():
     ({"compute_capability": [8, 9]}, BackendUnavailable, "sm_89"),
 ])
 def test_sidecar_mismatch_says_how_to_rebuild(change, error, words):
-    with pytest.raises(error, match="dtml export BUNDLE --trt") as err:
+    with pytest.raises(error, match="dtml export --model BUNDLE --trt") as err:
         check_trt_sidecar(_sidecar(**change), **RUNTIME)
     assert words in str(err.value) and "\n" not in str(err.value)
 
@@ -97,7 +97,7 @@ def test_trt_modules_import_and_choose_typing_without_tensorrt(tmp_path):
     assert trt_build._choose_typing(trt10, fp16, True, onnx_path) is True
     assert trt_build._choose_typing(trt11, fp16, True, onnx_path) is True
     assert trt_build._choose_typing(trt11, fp32, False, onnx_path) is True
-    with pytest.raises(DtmlError, match="dtml export BUNDLE --precision fp16"):
+    with pytest.raises(DtmlError, match="dtml export --model BUNDLE --precision fp16"):
         trt_build._choose_typing(trt11, fp32, True, onnx_path)
     with pytest.raises(ValueError, match="fp16 graph"):
         trt_build._choose_typing(trt10, fp16, False, onnx_path)
@@ -176,5 +176,5 @@ def test_engine_matches_torch(built, precision, atol, min_agree):
 def test_engine_of_another_bundle_is_refused(built):
     _, engines, _ = built
     other = random_bundle(4, PATCH, seed=1)
-    with pytest.raises(BundleError, match="dtml export BUNDLE --trt"):
+    with pytest.raises(BundleError, match="dtml export --model BUNDLE --trt"):
         TrtBackend(other, BackendOptions(device="cuda", artifact=engines["fp32"].engine_path), ("p_seg",))

@@ -1,4 +1,4 @@
-"""TensorRT backend: runs an engine built by `dtml export BUNDLE --trt` (TensorRT 10 or 11, CUDA only).
+"""TensorRT backend: runs an engine built by `dtml export --model BUNDLE --trt` (TensorRT 10 or 11, CUDA only).
 
 An engine is only valid for the TensorRT version and GPU model that built it, and for one bundle;
 its JSON sidecar (`dtml_deploy.artifacts.TrtSidecar`) is checked against all three before the engine
@@ -28,7 +28,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, BundleError, DtmlError
 from dtml_deploy.io.digest import file_sha256
 
-_REBUILD = "rebuild with `dtml export BUNDLE --trt`"
+_REBUILD = "rebuild with `dtml export --model BUNDLE --trt`"
 
 
 def _import_trt() -> Any | None:
@@ -117,12 +117,12 @@ class TrtBackend(Backend):
         if not prof.min_batch <= self.options.batch <= prof.max_batch:
             raise BackendUnavailable(
                 f"{artifact} takes batches of {prof.min_batch}..{prof.max_batch}, --batch {self.options.batch} "
-                f"was asked; pass a batch in that range or rebuild with `dtml export BUNDLE --trt "
+                f"was asked; pass a batch in that range or rebuild with `dtml export --model BUNDLE --trt "
                 f"--max-batch {self.options.batch}`")
         if self.options.precision != sidecar.precision:
             raise BackendUnavailable(
                 f"{artifact} is an {sidecar.precision} engine but --precision {self.options.precision} was "
-                f"asked; pass --precision {sidecar.precision} or build one with `dtml export BUNDLE --trt "
+                f"asked; pass --precision {sidecar.precision} or build one with `dtml export --model BUNDLE --trt "
                 f"--precision {self.options.precision}`")
 
     @property

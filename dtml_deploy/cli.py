@@ -201,18 +201,20 @@ def train(
                    f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
 
 
-def _load_for_backend(backend: str, model: Path, artifact: Path | None,
-                      precision: str | None) -> tuple[Bundle, Path | None]:
+def _load_for_backend(backend: str, model: Path, artifact: Path | None, precision: str | None,
+                      device: str) -> tuple[Bundle, Path | None]:
     """Load the bundle once; for onnx without --artifact also find (or make) its cached, verified export
-    (lazy import of export/)."""
+    in the precision the run will use (lazy import of export/)."""
     from dtml_deploy.bundle import Bundle
+    from dtml_deploy.runner import default_precision
 
     bundle = Bundle.load(model)
     if backend != "onnx" or artifact is not None:
         return bundle, artifact
     from export.pipeline import cached_onnx
 
-    return bundle, cached_onnx(bundle, model, precision or "fp32", lambda m: typer.echo(m, err=True))
+    precision = precision or default_precision(device)
+    return bundle, cached_onnx(bundle, model, precision, lambda m: typer.echo(m, err=True))
 
 
 @app.command("export")
@@ -307,7 +309,7 @@ def segment(
 
         model_path = _bundle_path(model)
         prec = precision.value if precision else None
-        bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec)
+        bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec, device)
         req = SegmentRequest(
             inputs=_expand_inputs(inputs), output=output, model=model_path, backend=backend.value,
             artifact=artifact, device=device, precision=prec,
@@ -381,7 +383,7 @@ def evaluate(
             ids = _case_list(source, cases) if cases else list(source.case_ids)
             model_path = _bundle_path(model)
             bundle, artifact = _load_for_backend(backend.value, model_path, artifact,
-                                                 precision.value if precision else None)
+                                                 precision.value if precision else None, device)
             req = SegmentRequest(inputs=[], output=Path("."), model=model_path, backend=backend.value,
                                  artifact=artifact, device=device,
                                  precision=precision.value if precision else None, overlap=overlap,

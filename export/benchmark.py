@@ -589,6 +589,14 @@ def write_json(report: BenchmarkReport, path: Path) -> None:
 
 
 def below_min_dice(report: BenchmarkReport, min_dice: float) -> list[str]:
-    """'key (agreement)' for every timed row whose agreement is below `min_dice`."""
-    return [f"{r.key} ({r.agreement:.4f})" for r in report.rows
-            if r.timed and r.agreement is not None and r.agreement < min_dice]
+    """'key (why)' for every row that does not show agreement >= `min_dice`: below it, failed, or run
+    without a torch fp32 reference. Rows skipped because this machine lacks their runtime do not count."""
+    low = []
+    for r in report.rows:
+        if r.status.startswith("failed"):
+            low.append(f"{r.key} (failed)")
+        elif r.timed and r.agreement is None:
+            low.append(f"{r.key} (not measured)")
+        elif r.timed and r.agreement is not None and r.agreement < min_dice:
+            low.append(f"{r.key} ({r.agreement:.4f})")
+    return low

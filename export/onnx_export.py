@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Conv/ConvTranspose/Sigmoid/Tanh/Cast are all stable from 13 on
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_TRACE_SPATIAL = (16, 16, 16)
 
 
 class ExportGraph(nn.Module):
@@ -109,7 +108,8 @@ def export_onnx_info(bundle: Bundle, out_path: Path, precision: str = "fp32", dy
     graph = ExportGraph(bundle, _DTYPES[precision]).eval()
     # Trace at the smallest size the V-Net takes, with every axis dynamic, then pin the spatial axes
     # (tracing runs the network once, and fp16 convolutions on the CPU take minutes at full size).
-    example = torch.zeros(2, 1, *_TRACE_SPATIAL)
+    # InstanceNorm refuses the 1-voxel bottleneck of a 16^3 input; 32^3 costs fp16 tracing ~6x more time.
+    example = torch.zeros(2, 1, *((32,) * 3 if bundle.model.net.norm == "instance" else (16,) * 3))
     axes = {0: "batch", 2: "depth", 3: "height", 4: "width"}
     buf = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():

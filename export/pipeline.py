@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtml_deploy import __version__
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.intensity import prepare
@@ -131,8 +132,12 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[
 
 
 def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable[[str], None] = print) -> Path:
-    """The verified ONNX export of `bundle` (loaded from `bundle_dir`) in the user cache, exported on first use."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtml" / bundle.content_hash
+    """The verified ONNX export of `bundle` (loaded from `bundle_dir`) in the user cache, exported on first use.
+
+    Keyed by the bundle's content hash and dtml's version, so neither a changed bundle nor an upgraded
+    exporter is served an old graph."""
+    root = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtml" / bundle.content_hash
+            / f"dtml-{__version__}")
     path = artifact_path(root, "onnx", precision)
     if not path.is_file():
         echo(f"exporting {precision} ONNX of {bundle_dir} to {path} (once)")

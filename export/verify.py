@@ -83,11 +83,12 @@ class VerifyReport:
     onnx_path: Path
     precision: str
     checks: list[OutputCheck] = field(default_factory=list)
+    low_precision_heads: list[str] = field(default_factory=list)  # see heads_below_fp32
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        return bool(self.checks) and all(c.passed for c in self.checks) and not self.low_precision_heads
 
     def failures(self) -> list[OutputCheck]:
         return [c for c in self.checks if not c.passed]
@@ -102,8 +103,44 @@ def render_report(report: VerifyReport) -> str:
         tol = "-" if c.tol_abs == UNBOUNDED else f"{c.tol_abs:.2e}"
         rows.append(f"{c.source:<7} {c.output:<6} {c.max_abs_err:>12.3e} {tol:>9} {c.mean_abs_err:>12.3e} "
                     f"{c.dice:>8.5f} {c.min_dice:>6.3f}  {'yes' if c.passed else 'NO'}")
+    heads = ", ".join(report.low_precision_heads) or "all fp32"
+    rows.append(f"graph: tanh/sigmoid and the -k*sdm product: {heads}")
     rows.append(f"{'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
     return "\n".join(rows)
+
+
+_HEAD_OPS = ("Tanh", "Sigmoid", "Mul")
+
+
+def heads_below_fp32(model: object) -> list[str]:
+    """Head nodes (Tanh, Sigmoid, and the Mul feeding a Sigmoid: -k*sdm) whose inputs are not fp32.
+
+    onnxruntime's CPU provider runs fp16 convolutions in fp32 (it inserts casts and drops the graph's),
+    so on the CPU the numeric comparison cannot show a head computed in fp16; the graph's own types can.
+    Returns "op name (dtype)" entries; empty for a safe graph.
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)  # type: ignore[arg-type]
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    consumers: dict[str, list[str]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.op_type)
+    bad = []
+    for node in g.node:
+        if node.op_type not in _HEAD_OPS:
+            continue
+        if node.op_type == "Mul" and "Sigmoid" not in {c for o in node.output for c in consumers.get(o, [])}:
+            continue  # an fp16 multiply inside the networks, not the head's -k*sdm
+        for i in node.input:
+            if i and types.get(i, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+                bad.append(f"{node.op_type} {node.name or node.output[0]} "
+                           f"({onnx.TensorProto.DataType.Name(types[i]).lower()})")
+                break
+    return bad
 
 
 def reference_outputs(net: DualTaskNet, x: torch.Tensor, k: float) -> dict[str, np.ndarray]:
@@ -158,7 +195,10 @@ def verify_onnx(bundle: Bundle, onnx_path: Path, *, real_patch: np.ndarray | Non
     if not inputs:
         raise ValueError("nothing to verify: n_random is 0 and no real_patch was given")
 
-    report = VerifyReport(onnx_path=onnx_path, precision=info.precision)
+    import onnx
+
+    report = VerifyReport(onnx_path=onnx_path, precision=info.precision,
+                          low_precision_heads=heads_below_fp32(onnx.load(str(onnx_path))))
     for source, x in inputs:
         ref = reference_outputs(net, x, bundle.model.k)
         got = dict(zip(ONNX_OUTPUTS, session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: x.numpy()}), strict=True))

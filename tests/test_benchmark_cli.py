@@ -82,6 +82,11 @@ def test_failing_backend_becomes_a_row(bundle_dir: Path, monkeypatch: pytest.Mon
     assert "failed: RuntimeError: simulated backend crash" in line and "second line" not in res.stdout
     assert "| torch fp32 | fp32 | passed" in res.stdout
 
+    # a CI gate must not pass over a row that crashed
+    res = _invoke(["--model", str(bundle_dir), "--data", str(_case()), *FAST, "--formats", "torch-fp32,onnx-fp32",
+                   "--min-dice", "0.5"])
+    assert res.exit_code == 1 and "onnx-fp32 (failed)" in res.stderr and "torch-fp32" not in res.stderr
+
 
 def test_min_dice_gate(bundle_dir: Path) -> None:
     res = _invoke(["--model", str(bundle_dir), "--data", str(_case()), *FAST, "--formats", "torch-fp32",

@@ -78,7 +78,10 @@ def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root,
     r2 = _run("segment", scan, "-o", tmp_path / "onnx", "--backend", "onnx", *common)  # exports into the cache
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
     assert len(loads) == 1  # one read of the bundle serves the export lookup and the segmenter
-    assert list((tmp_path / "cache" / "dtml").glob("*/model-fp32.onnx"))
+    from dtml_deploy import __version__
+
+    cached = tmp_path / "cache" / "dtml" / Bundle.load(bundle_dir).content_hash / f"dtml-{__version__}"
+    assert (cached / "model-fp32.onnx").is_file()  # keyed by bundle and exporter version
     m1 = np.asarray(nib.load(str(tmp_path / "torch" / f"{cid}.nii.gz")).dataobj)
     m2 = np.asarray(nib.load(str(tmp_path / "onnx" / f"{cid}.nii.gz")).dataobj)
     p1 = nib.load(str(tmp_path / "torch" / f"{cid}_prob.nii.gz")).get_fdata()

@@ -111,6 +111,42 @@ def test_onnxruntime_matches_torch_within_stated_tolerances(exports, bundle, pre
         assert max(c.max_abs_err for c in report.checks if c.output in ("p_seg", "sdm")) <= 1e-4
 
 
+def test_graph_check_catches_a_head_computed_in_fp16(exports, bundle):
+    """onnxruntime's CPU provider runs fp16 convolutions in fp32, so the numeric check alone cannot see
+    an fp16 tanh; the graph check must. Removing the Cast before Tanh must be reported and fail."""
+    import onnx
+
+    from export.verify import OutputCheck, VerifyReport, heads_below_fp32
+
+    report = verify_onnx(bundle, exports["fp16"].path, n_random=1)
+    assert report.low_precision_heads == [] and "all fp32" in render_report(report)
+    model = onnx.load(str(exports["fp16"].path))
+    tanh = next(n for n in model.graph.node if n.op_type == "Tanh")
+    cast = next(n for n in model.graph.node if n.output[0] == tanh.input[0])
+    assert cast.op_type == "Cast"
+    tanh.input[0] = cast.input[0]  # tanh now reads the fp16 conv output
+    bad = heads_below_fp32(model)
+    assert len(bad) == 1 and bad[0].startswith("Tanh") and "(float16)" in bad[0]
+    perfect = OutputCheck("p_seg", "random", 0.0, 0.0, 1.0, 1e-4, 0.999)
+    tampered = VerifyReport(onnx_path=Path("x.onnx"), precision="fp16", checks=[perfect], low_precision_heads=bad)
+    assert not tampered.passed and "Tanh" in render_report(tampered)
+
+
+@pytest.mark.parametrize("norm", ["instance", "group", "none"])
+def test_other_normalisations_export_and_verify(norm, tmp_path):
+    """InstanceNorm refuses the 1-voxel bottleneck of a 16^3 trace; such bundles trace at 32^3."""
+    from dtml_deploy.bundle import Bundle
+    from dtml_deploy.config import ModelConfig, NetConfig
+    from dtml_deploy.nets.dual import DualTaskNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(net=NetConfig(n_filters=4, norm=norm), patch_size=(32, 32, 32), k=50.0)
+    b = Bundle.from_net(DualTaskNet(cfg.net, k=cfg.k).eval(), cfg)
+    path = export_onnx(b, tmp_path / "m.onnx", precision="fp32")
+    report = verify_onnx(b, path, n_random=1)
+    assert report.passed, render_report(report)
+
+
 def test_dynamic_batch_runs_batches_of_one_and_three(exports, bundle):
     session = _session(exports["fp32"].path)
     net = bundle.build()

@@ -1,7 +1,9 @@
 """`dtml export`: ONNX (fp32/fp16) with built-in verification, and optionally a TensorRT engine.
 
-Each artifact is exported to a temporary name, verified against the PyTorch fp32 pair, and only
-then moved into place; a failed verification leaves nothing behind and fails the command.
+Each ONNX artifact is exported to a temporary name, verified against the PyTorch fp32 pair, and only
+then moved into place; a failed verification leaves nothing behind and fails the command. A TensorRT
+engine is built from that verified ONNX (atomically, with its sidecar); its own agreement with torch
+fp32 on a real case is what `dtml benchmark`'s TensorRT row measures.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dtml_deploy import __version__
+from dtml_deploy.artifacts import TrtProfile
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.intensity import prepare
@@ -43,6 +46,12 @@ class ExportRequest:
     max_batch: int = 8
     workspace_gb: float = 4.0
     timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.trt:  # a bad profile fails before minutes of exporting, not after
+            TrtProfile(self.min_batch, self.opt_batch, self.max_batch)
+            if self.workspace_gb <= 0:
+                raise ValueError(f"workspace_gb must be positive, got {self.workspace_gb}")
 
 
 @dataclass

@@ -66,6 +66,12 @@ def test_trt_export_without_tensorrt_is_a_clear_error(bundle_dir, tmp_path):
     assert r.exit_code == 2 and "tensorrt" in r.stderr.lower() and "Traceback" not in r.output
 
 
+def test_a_bad_trt_profile_fails_before_any_export(bundle_dir, tmp_path):
+    r = _run("export", "--model", bundle_dir, "-o", tmp_path / "e", "--trt", "--min-batch", "4", "--max-batch", "2")
+    assert r.exit_code == 2 and "min_batch <= opt_batch <= max_batch" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+
+
 def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     scan, cid = _case(sample_root)

@@ -116,6 +116,10 @@ def export_onnx_info(bundle: Bundle, out_path: Path, precision: str = "fp32", dy
         # The TorchScript exporter announces its own deprecation on every call; that is expected here.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # Shape checks inside the norms are constant at a fixed patch size; InstanceNorm always uses the
+        # instance's own statistics (no running stats), which is what "train=True" means in its symbolic.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train=True.*")
         torch.onnx.export(graph, (example,), buf, dynamo=False, opset_version=int(opset),
                           input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS),
                           dynamic_axes={name: axes for name in (ONNX_INPUT, *ONNX_OUTPUTS)},

@@ -116,6 +116,7 @@ class BenchmarkRow:
     precision: str
     status: str  # passed | exported but failed parity | failed: <reason> | skipped: <reason>
     detail: str | None = None
+    runs_on: str | None = None  # the backend's own description (device, flags, execution providers)
     artifact: str | None = None
     artifact_mb: float | None = None
     agreement: float | None = None  # Dice of the final mask with torch fp32's, first real case
@@ -430,6 +431,7 @@ def _measure(ctx: _Context, spec: RowSpec, row: BenchmarkRow, precision: str) ->
     skipped: list[str] = []
     for batch in ctx.batches:
         segmenter = _segmenter(ctx, spec, precision, batch, artifact)
+        row.runs_on = row.runs_on or segmenter.backend.describe()
         try:
             timings[batch] = _time_batch(segmenter, ctx.cases, ctx.req.warmup, ctx.req.repeats)
         except OutOfMemory:

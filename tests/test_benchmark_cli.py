@@ -68,6 +68,8 @@ def test_timings_reported(full_run: tuple) -> None:
         assert row["seconds_min"] <= row["seconds_per_case"] <= row["seconds_max"]
         assert row["outliers"] == 0 and len(row["runs"]) == 1 and row["mvox_per_s"] > 0
         assert row["windows"] > 0 and row["peak_memory_mb"] > 0
+        assert row["runs_on"].startswith(("torch on cpu", "onnx on cpu"))  # what actually ran, in the JSON
+    assert "CPUExecutionProvider" in _rows(data)["onnx-fp32"]["runs_on"]
     assert "| row |" in res.stdout and "machine:" in res.stdout and "torch fp32" in res.stdout
 
 

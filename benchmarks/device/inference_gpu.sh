@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call (about 5 minutes on one H100/H200; give it timeout_s 540), from the repository root:
+# One device call (about 6 minutes on one H100/H200; give it timeout_s 560), from the repository root:
 #   carry: [".whl", ".devdata/la_one"]
 # .devdata/la_one holds one real LA2018 case (images/ and labels/ of 5FKQL4K14KCB72Y8YMC2, 1.1 MB):
 #   mkdir -p .devdata/la_one/{images,labels} and copy that case's two files from ../shared/data/LA2018.
 # The shipped default model (38 MB) travels with the checkout, so this call fits the 64 MiB limit.
+# 0. the GPU tests (tests/test_gpu.py, about a minute).
 # 1. benchmarks/segment_speed.py: section A on the real case (paper loop vs engine), section B on
 #    576x576x88 at overlap 0.5 (MONAI fp16 sw_batch 8 vs the engine at batch 4, 6 and 8): issue 3's GPU target.
 # 2. dtml benchmark --device cuda on the real case with the shipped model: the GPU rows (fp16, graphs +
@@ -18,6 +19,8 @@ log=$OUT/inference_gpu.log
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  echo "## GPU tests"
+  timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -6
   echo "## segment_speed"
   timeout 330 python3 benchmarks/segment_speed.py --real-case --batch 8 4 6 --repeats 5 \
       --json "$OUT/segment_speed_gpu.json" 2>&1 | tail -30

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -68,6 +70,12 @@ def test_timings_reported(full_run: tuple) -> None:
         assert row["seconds_min"] <= row["seconds_per_case"] <= row["seconds_max"]
         assert row["outliers"] == 0 and len(row["runs"]) == 1 and row["mvox_per_s"] > 0
         assert row["windows"] > 0 and row["peak_memory_mb"] > 0
+        # the summary columns follow from the per-batch timings
+        assert row["ms_per_window_best"] == min(row["ms_per_window"].values())
+        assert row["ms_per_window"][str(row["best_batch"])] == row["ms_per_window_best"]
+        assert row["ms_per_window_b1"] == row["ms_per_window"]["1"]
+        voxels = int(np.prod(nib.load(str(_case())).shape))
+        assert row["mvox_per_s"] == pytest.approx(voxels / row["seconds_per_case"] / 1e6, rel=1e-9)
         assert row["runs_on"].startswith(("torch on cpu", "onnx on cpu"))  # what actually ran, in the JSON
     assert "CPUExecutionProvider" in _rows(data)["onnx-fp32"]["runs_on"]
     assert "| row |" in res.stdout and "machine:" in res.stdout and "torch fp32" in res.stdout

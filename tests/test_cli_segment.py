@@ -533,15 +533,13 @@ def test_console_case_time_is_not_double_counted(default_run) -> None:
     assert sum(printed) == pytest.approx(sum(wall), abs=0.016)
 
 
-def test_stride_larger_than_patch_never_leaves_gaps(sample_root: Path, bundle_dir: Path, tmp_path: Path) -> None:
+def test_stride_larger_than_patch_is_refused(sample_root: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    """A stride above the patch would leave voxels no window covers (x: starts 0, 40, 48 -> 32..39)."""
     cid = _ids(sample_root)[0]
     src = tmp_path / f"{cid}.nii.gz"
-    nib.save(_crop_real_case(sample_root, cid, (80, 48, 32)), str(src))  # x: starts 0, 40, 48 -> 32..39 uncovered
+    nib.save(_crop_real_case(sample_root, cid, (80, 48, 32)), str(src))
     out = tmp_path / "out"
-    r = _cli("segment", src, "-o", out, "--model", bundle_dir, *CPU, "--stride", "40", "16", "16", "--save-prob")
-    if r.exit_code == 2:  # rejecting the stride with a one-line error is a fine answer too
-        assert len(_error_lines(r)) == 1 and "stride" in r.stderr
-        return
-    assert r.exit_code == 0, r.output
-    prob, _ = _load(out / f"{cid}_prob.nii.gz")
-    assert np.isfinite(prob).all()
+    r = _cli("segment", src, "-o", out, "--model", bundle_dir, *CPU, "--stride", "40", "16", "16")
+    assert r.exit_code == 2 and len(_error_lines(r)) == 1
+    assert "stride (40, 16, 16) exceeds the patch (32, 32, 32)" in r.stderr
+    assert not out.exists() or not any(out.iterdir())

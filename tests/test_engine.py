@@ -41,6 +41,10 @@ def test_paper_stride_matches_the_papers_formula():
             n = math.ceil((length - patch) / stride) + 1 if length > patch else 1
             expected = [min(stride * i, length - patch) for i in range(n)] if length > patch else [0]
             assert tile_starts_stride(length, patch, stride) == expected
+    # by hand: the last window sits flush with the end, earlier ones on the stride
+    assert tile_starts_stride(137, 112, 18) == [0, 18, 25]
+    assert tile_starts_stride(88, 80, 4) == [0, 4, 8]
+    assert tile_starts_stride(112, 112, 18) == [0] and tile_starts_stride(100, 112, 18) == [0]
     # 45-84 windows per LA case, as the method file says
     assert len(window_starts((183, 140, 88), (112, 112, 80), GridSpec(stride=(18, 18, 4)))) == 45
 

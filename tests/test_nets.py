@@ -57,8 +57,12 @@ def test_dropout_only_in_training():
 
 def test_dual_task_outputs():
     pair = DualTaskNet(NetConfig(n_filters=4), k=1500).eval()
-    logits, sdm = pair(torch.randn(1, 1, 32, 32, 16))
+    x = torch.randn(2, 1, 32, 32, 16)
+    logits, sdm = pair(x)
+    assert logits.shape == sdm.shape == (2, 1, 32, 32, 16)
     assert logits.dtype == torch.float32 and sdm.dtype == torch.float32
+    with torch.no_grad():  # M_s gives raw logits, M_d the tanh of its raw output: nothing else in between
+        assert torch.equal(logits, pair.seg(x)) and torch.equal(sdm, torch.tanh(pair.dis(x)))
     assert sdm.abs().max() <= 1.0
     assert not any(a is b for a, b in zip(pair.seg.parameters(), pair.dis.parameters()))
 

@@ -100,17 +100,29 @@ def test_semi_supervised_run_never_reads_unlabeled_labels(sample_root, tmp_path,
 
 # --- augmentation and sampling -----------------------------------------------------------------------
 
-def test_random_patch_keeps_image_and_label_aligned(rng):
-    img = rng.standard_normal((60, 50, 40)).astype(np.float32)
-    lab = (img > 0.5).astype(np.uint8)
-    seen_k = set()
-    for seed in range(40):
-        r = np.random.default_rng(seed)
-        pi, pl = random_patch([img, lab], (32, 24, 16), r)
+def test_random_patch_keeps_image_and_label_aligned():
+    """Every voxel value is unique, so each patch reveals its crop, rotation and flip: undoing them must
+    give a crop of the volume, the label must have moved with the image, and across seeds every distinct
+    rot90 x flip transform must occur."""
+    img = np.arange(60 * 50 * 40, dtype=np.float32).reshape(60, 50, 40)
+    lab = (img % 7 == 0).astype(np.uint8)
+    seen = set()
+    for seed in range(80):
+        pi, pl = random_patch([img, lab], (32, 24, 16), np.random.default_rng(seed))
         assert pi.shape == (32, 24, 16) and pl.shape == (32, 24, 16)
-        assert np.array_equal(pl, (pi > 0.5).astype(np.uint8))  # same crop, rotation and flip
-        seen_k.add(int(np.random.default_rng(seed).integers(0, 4)))
-    assert seen_k == {0, 1, 2, 3}
+        assert np.array_equal(pl, (pi % 7 == 0).astype(np.uint8))  # same crop, rotation and flip
+        found = []
+        for k in range(4):
+            for axis in (0, 1):
+                block = np.rot90(np.flip(pi, axis=axis), -k, axes=(0, 1))  # undo flip, then rotation
+                x, y, z = np.unravel_index(int(block[0, 0, 0]), img.shape)
+                sl = tuple(slice(c, c + n) for c, n in zip((x, y, z), block.shape))
+                if all(s.stop <= n for s, n in zip(sl, img.shape)) and np.array_equal(block, img[sl]):
+                    found.append((k, axis))
+        # rot90(k) then flip(0) is rot90(k + 2) then flip(1): every patch has exactly two readings
+        assert len(found) == 2 and {k for k, _ in found} in ({0, 2}, {1, 3}), found
+        seen.add(frozenset(found))
+    assert len(seen) == 4  # all four mirror images of the crop (the released code always flips)
 
 
 def test_random_patch_pads_small_volumes():
@@ -302,12 +314,13 @@ def test_sigterm_checkpoints_and_stops(sample_root, tmp_path, monkeypatch):
         return real(self, logits, sdm, batch, iteration)
 
     monkeypatch.setattr(trainer_mod.Objective, "__call__", call)
+    before = signal.getsignal(signal.SIGTERM)
     split = make_split(open_source(sample_root), 1, None)
     result = Trainer(tiny(iterations=10), split, tmp_path / "sig", show_progress=False).run()
     assert result.interrupted and result.iterations == 3 and result.bundle is None
     meta = json.loads((tmp_path / "sig" / "checkpoint" / "state.json").read_text())
     assert meta["iteration"] == 3
-    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is restored
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is restored
     resumed = Trainer(tiny(iterations=10), split, tmp_path / "sig", resume=True, show_progress=False).run()
     assert resumed.iterations == 10 and resumed.bundle is not None
 

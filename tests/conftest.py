@@ -33,7 +33,7 @@ def la2018() -> Path:
 
 
 def make_bundle(n_filters: int = 4, patch: tuple[int, int, int] = (32, 32, 32), k: float = 1500.0,
-                seed: int = 0) -> Bundle:
+                seed: int = 0, centre_on: np.ndarray | None = None) -> Bundle:
     """A random-weight bundle with non-trivial BatchNorm statistics (so folding is exercised)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(net=NetConfig(n_filters=n_filters), patch_size=patch, k=k)
@@ -44,7 +44,15 @@ def make_bundle(n_filters: int = 4, patch: tuple[int, int, int] = (32, 32, 32), 
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    return Bundle.from_net(net.eval(), cfg)
+    net.eval()
+    if centre_on is not None:
+        # Shift each head so that half of `centre_on`'s voxels fall on each side of 0.5: an untrained
+        # V-Net otherwise calls nearly everything foreground, and mask checks would pass on anything.
+        x = torch.from_numpy(np.ascontiguousarray(centre_on, dtype=np.float32))[None, None]
+        with torch.no_grad():
+            for head in (net.seg, net.dis):
+                head.out_conv.bias -= head(x).median()
+    return Bundle.from_net(net, cfg)
 
 
 @pytest.fixture

@@ -23,7 +23,13 @@ def _case() -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(n_filters=4, patch=(32, 32, 32)).save(tmp_path_factory.mktemp("bench") / "bundle")
+    """Heads centred on the case's central patch, so its mask is partly foreground and agreement means
+    something (an untrained net calls nearly every voxel foreground)."""
+    img = np.asarray(nib.load(str(_case())).get_fdata(dtype=np.float32))
+    lo = [(n - 32) // 2 for n in img.shape]
+    centre = img[lo[0]:lo[0] + 32, lo[1]:lo[1] + 32, lo[2]:lo[2] + 32]
+    return make_bundle(n_filters=4, patch=(32, 32, 32), centre_on=centre).save(
+        tmp_path_factory.mktemp("bench") / "bundle")
 
 
 def _invoke(args: list[str]):
@@ -51,7 +57,7 @@ def test_rows_and_statuses(full_run: tuple) -> None:
     assert list(rows)[:2] == ["torch-fp32", "torch-bf16"]
     assert rows["torch-fp32"]["status"] == "passed" and rows["torch-fp32"]["agreement"] == 1.0
     bf16 = rows["torch-bf16"]
-    assert bf16["status"] in ("passed", "exported but failed parity") and isinstance(bf16["agreement"], float)
+    assert bf16["status"] in ("passed", "exported but failed parity") and 0.5 < bf16["agreement"] <= 1.0
     onnx = rows["onnx-fp32"]
     assert onnx["status"] == "passed" and onnx["agreement"] > 0.99
     assert onnx["artifact_mb"] > 0 and Path(onnx["artifact"]).is_file()

@@ -22,8 +22,12 @@ def _run(*args):
 
 
 @pytest.fixture
-def bundle_dir(tmp_path):
-    return make_bundle(n_filters=4, patch=(32, 32, 32), k=50.0).save(tmp_path / "bundle")
+def bundle_dir(tmp_path, sample_root):
+    """Heads centred on a real patch, so masks are partly foreground and their agreement means something."""
+    img = nib.load(str(_case(sample_root)[0])).get_fdata(dtype=np.float32)
+    lo = [(n - 32) // 2 for n in img.shape]
+    centre = img[lo[0]:lo[0] + 32, lo[1]:lo[1] + 32, lo[2]:lo[2] + 32]
+    return make_bundle(n_filters=4, patch=(32, 32, 32), k=50.0, centre_on=centre).save(tmp_path / "bundle")
 
 
 def _case(sample_root):
@@ -93,4 +97,4 @@ def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root,
     p1 = nib.load(str(tmp_path / "torch" / f"{cid}_prob.nii.gz")).get_fdata()
     p2 = nib.load(str(tmp_path / "onnx" / f"{cid}_prob.nii.gz")).get_fdata()
     assert np.abs(p1 - p2).max() < 1e-3  # fp32 both; BN folded in both; only op order differs
-    assert dice(m1, m2) > 0.99
+    assert 0.02 < m1.mean() < 0.98 and dice(m1, m2) > 0.99

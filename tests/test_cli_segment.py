@@ -104,9 +104,10 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same bundle as conftest's `tiny_bundle_dir` (n_filters 4, patch 32), shared by the module."""
-    return make_bundle().save(tmp_path_factory.mktemp("bundle") / "bundle")
+def bundle_dir(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """n_filters 4, patch 32, heads centred on a real crop: masks are partly foreground, partly not."""
+    crop = _crop_real_case(sample_root, _ids(sample_root)[0], (PATCH,) * 3).get_fdata(dtype=np.float32)
+    return make_bundle(centre_on=crop).save(tmp_path_factory.mktemp("bundle") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +217,7 @@ def test_default_output_is_one_connected_component(default_run, scans: Path) -> 
     _, out, _, _ = default_run
     for p in sorted(scans.glob("*.nii.gz")):
         mask, _ = _load(out / p.name)
-        if mask.any():
-            assert _n_components(mask) == 1
+        assert 0.02 < mask.mean() < 0.98 and _n_components(mask) == 1
 
 
 def test_extra_maps(maps_run) -> None:
@@ -238,7 +238,8 @@ def test_extra_maps(maps_run) -> None:
     assert maps["sdm"].min() >= -1.0 and maps["sdm"].max() <= 1.0
     assert maps["uncertainty"].min() >= 0.0 and maps["uncertainty"].max() <= 1.0
     assert maps["prob"].std() > 0 and maps["sdm"].std() > 0  # real maps, not constant fill
-    # the mask is the largest 26-connected component of prob > 0.5
+    # the mask is the largest 26-connected component of prob > 0.5, which has several
+    assert _n_components(maps["prob"] > 0.5) > 1 and 0.02 < mask.mean() < 0.98
     np.testing.assert_array_equal(mask, _largest_component(maps["prob"] > 0.5))
     report = json.loads((out / "r.json").read_text())
     (case,) = report["cases"]
@@ -275,17 +276,13 @@ def test_heads_mean_and_sdm_agree_with_seg_maps(maps_run, bundle_dir: Path, tmp_
     assert seg_case["agreement"] == pytest.approx(expected, abs=1e-9)
 
 
-def test_no_lcc_keeps_every_component(maps_run, tmp_path: Path) -> None:
-    """A bundle whose seg head is shifted so that half of a real scan is foreground (the random net's
-    probabilities follow the anatomy, so the mask is fragmented): --no-lcc keeps every fragment, the
-    default keeps exactly the largest 26-connected one."""
-    _, seg_out, src = maps_run
+def test_no_lcc_keeps_every_component(maps_run, bundle_dir: Path, tmp_path: Path) -> None:
+    """The module's bundle has its heads centred on a real crop (the random net's probabilities follow
+    the anatomy, so the mask is fragmented): --no-lcc keeps every fragment, the default keeps exactly
+    the largest 26-connected one."""
+    _, _, src = maps_run
     name = src.name[: -len(".nii.gz")]
-    prob, _ = _load(seg_out / f"{name}_prob.nii.gz")
-    median = float(np.median(prob.astype(np.float64)))
-    bundle = make_bundle()
-    bundle.state["seg.out_conv.bias"] -= math.log(median / (1.0 - median))  # logit(median) -> ~0
-    model = bundle.save(tmp_path / "shifted")
+    model = bundle_dir
 
     outs = {}
     for flag in ("--lcc", "--no-lcc"):
@@ -295,7 +292,7 @@ def test_no_lcc_keeps_every_component(maps_run, tmp_path: Path) -> None:
         outs[flag] = (_check_mask_on_grid(out / src.name, src), _load(out / f"{name}_prob.nii.gz")[0])
     (lcc_mask, prob_a), (raw, prob_b) = outs["--lcc"], outs["--no-lcc"]
     np.testing.assert_array_equal(prob_a, prob_b)
-    assert 0.2 < raw.mean() < 0.8  # the shift did what it is for
+    assert 0.05 < raw.mean() < 0.95  # the centring did what it is for
     np.testing.assert_array_equal(raw, (prob_b > 0.5).astype(np.uint8))  # no post-processing at all
     assert _n_components(raw) > 1
     assert _n_components(lcc_mask) == 1

@@ -89,6 +89,18 @@ class ShiftPredictor(Backend):
         return torch.cat([maps[o] for o in self.outputs], 1)
 
 
+def test_stitched_maps_stay_in_range(rng):
+    """Saturated heads (p = 1, sdm = -1 everywhere): the blended maps are weighted means of in-range
+    values, and rounding must not push them out of it (it did by 2e-7 before clamping)."""
+    vol = 50.0 + rng.random((61, 40, 30)).astype(np.float32)  # sigmoid(x + 1) = tanh(x) = 1 in fp32
+    be = ShiftPredictor(("p_seg", "p_dis", "sdm"))
+    cfg = EngineConfig(grid=GridSpec(overlap=0.5), blend="gaussian", head="seg", keep_prob=True, keep_sdm=True)
+    res = SlidingWindowEngine(be, (16, 24, 12), cfg).run(vol)
+    assert res.prob.max() <= 1.0 and res.sdm.max() <= 1.0
+    np.testing.assert_allclose(res.prob, 1.0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(res.sdm, 1.0, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("blend", ["constant", "gaussian"])
 @pytest.mark.parametrize("grid", [GridSpec(overlap=0.5), GridSpec(overlap=0.0), GridSpec(stride=(7, 9, 5))])
 @pytest.mark.parametrize("slab_bytes", [None, 3 * 40 * 30 * 4 * 20])

@@ -187,6 +187,8 @@ class SlidingWindowEngine:
         wyz = torch.from_numpy(np.outer(factors[1], factors[2])).to(dev, torch.float32)
         inv = 1.0 / (wx[:, None, None] * wyz[None])
         maps = {c: acc[i] * inv for c, i in zip(self._index, range(len(self._index)))}
+        for c, m in maps.items():  # a weighted mean of values in range, but rounding can step 2e-7 out of it
+            m.clamp_(-1.0 if c == "sdm" else 0.0, 1.0)
         if cfg.head == "seg":
             prob = maps["p_seg"]
         elif cfg.head == "sdm":

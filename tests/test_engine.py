@@ -147,6 +147,36 @@ def test_engine_matches_the_papers_loop(rng, batch):
     assert (res.mask == (ref["p_seg"] > 0.5)).mean() > 0.9999
 
 
+def test_gaussian_blending_matches_a_brute_force_weighted_average(rng):
+    """The default blending on a real (tiny) pair with an anisotropic patch, against a float64 loop that
+    weights every window's output by its own 3D Gaussian (sigma = patch/8 per axis, centred, normalised
+    to 1, floored at 1e-3 per axis as nnU-Net) and divides by the summed weights. An axis mix-up in the
+    separable weights or their sums would show here (an isotropic patch would hide it)."""
+    patch = (48, 32, 16)
+    bundle = make_bundle(n_filters=2, patch=patch, k=20.0)
+    net = bundle.build().eval()
+    vol = rng.standard_normal((70, 45, 30)).astype(np.float32)
+    grid = GridSpec(overlap=0.5)
+
+    def g(n: int) -> np.ndarray:
+        x = np.arange(n) - (n - 1) / 2
+        w = np.exp(-0.5 * (x / (n / 8)) ** 2)
+        return np.maximum(w / w.max(), 1e-3)
+
+    w3 = g(patch[0])[:, None, None] * g(patch[1])[None, :, None] * g(patch[2])[None, None, :]
+    num, den = np.zeros(vol.shape), np.zeros(vol.shape)
+    for x, y, z in window_starts(vol.shape, patch, grid):
+        sl = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+        with torch.no_grad():
+            logits, _ = net(torch.from_numpy(np.ascontiguousarray(vol[sl]))[None, None])
+        num[sl] += w3 * torch.sigmoid(logits)[0, 0].double().numpy()
+        den[sl] += w3
+    expected = num / den
+    backend = create_backend("torch", bundle, BackendOptions(device="cpu", batch=3), ("p_seg", "p_dis"))
+    res = SlidingWindowEngine(backend, patch, EngineConfig(grid=grid, blend="gaussian", keep_prob=True)).run(vol)
+    assert np.abs(res.prob - expected).max() < 1e-5  # fp32 accumulation and folded BN vs float64
+
+
 @pytest.mark.slow
 def test_engine_matches_the_papers_loop_on_a_real_case(la2018):
     import nibabel as nib

@@ -86,3 +86,51 @@ def test_single_backward_equals_the_released_codes_two_backward_calls():
     (l_seg + l_mask + ConsistencyConfig("code", lambda_max=lam, rampup_length=0).weight(0, 1) * l_con).backward()
     assert torch.allclose(ws.grad, code_grads[0], atol=1e-7)
     assert torch.allclose(wd.grad, code_grads[1], atol=1e-7)
+
+
+def _batch_and_maps(seed: int = 0, n_l: int = 2, n_u: int = 2):
+    from training.data.dataset import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (6, 6, 4)
+    label = (torch.rand(n_l, 1, *shape, generator=g) > 0.6).to(torch.uint8)
+    sdm_gt = torch.rand(n_l, 1, *shape, generator=g) * 2 - 1
+    batch = Batch(torch.randn(n_l + n_u, 1, *shape, generator=g), label, sdm_gt)
+    logits = torch.randn(n_l + n_u, 1, *shape, generator=g) * 3
+    sdm = torch.tanh(torch.randn(n_l + n_u, 1, *shape, generator=g) * 0.01)  # near 0: sigmoid(-k sdm) varies
+    return batch, logits, sdm
+
+
+@pytest.mark.parametrize("supervision", ["mask", "dis", "dis+mask"])
+def test_objective_uses_labeled_half_for_supervision_and_all_for_consistency(supervision):
+    """The trainer's objective: L_seg and L_dis read only the labeled (first) samples and their labels,
+    L_con reads every sample, and the total is L_seg + L_dis + w(t) L_con with the recipe's ramp-up."""
+    from training.recipes import recipe
+    from training.trainer import Objective
+
+    cfg = recipe("dtml", supervision=supervision, iterations=6000)
+    objective = Objective(cfg)
+    batch, logits, sdm = _batch_and_maps()
+    n_l = batch.label.shape[0]
+    total, parts, w = objective(logits, sdm, batch, iteration=3000)
+
+    label = batch.label.float()
+    assert torch.allclose(parts["seg"], seg_loss(logits[:n_l], label))
+    assert torch.allclose(parts["dis"], dis_loss(sdm[:n_l], label, cfg.k, supervision, batch.sdm))
+    p_dis = torch.sigmoid(-cfg.k * sdm)
+    assert torch.allclose(parts["con"], ((torch.sigmoid(logits) - p_dis) ** 2).mean())  # all four samples
+    assert w == pytest.approx(cfg.consistency_cfg.weight(3000, 6000)) and w > 0
+    assert torch.allclose(total, parts["seg"] + parts["dis"] + w * parts["con"])
+    assert objective(logits, sdm, batch, iteration=0)[2] < w  # ramped up
+
+    # unlabeled samples reach only the consistency term
+    logits2, sdm2 = logits.clone(), sdm.clone()
+    logits2[n_l:] += 1.0
+    sdm2[n_l:] *= 0.5
+    _, parts2, _ = objective(logits2, sdm2, batch, iteration=3000)
+    assert torch.equal(parts2["seg"], parts["seg"]) and torch.equal(parts2["dis"], parts["dis"])
+    assert not torch.allclose(parts2["con"], parts["con"])
+    # the ground-truth SDM is what the distance loss regresses, when it is supervised by distances
+    batch.sdm.mul_(0.5)
+    _, parts3, _ = objective(logits, sdm, batch, iteration=3000)
+    assert torch.equal(parts3["dis"], parts["dis"]) == (supervision == "mask")

@@ -278,6 +278,12 @@ def test_other_recipes_train(sample_root, tmp_path, name):
     result = Trainer(cfg, split, tmp_path / name, show_progress=False).run()
     trained = Bundle.load(result.bundle).meta["training"]["trained"]
     assert trained == {"seg-only": ["seg"], "sdm-only": ["dis"], "dtml-dis-mask": ["seg", "dis"]}[name]
+    # the weights say the same: one more iteration moves every trained network and no other
+    longer = Trainer(tiny(name, iterations=3), split, tmp_path / f"{name}-3", show_progress=False).run()
+    a, b = Bundle.load(result.bundle).state, Bundle.load(longer.bundle).state
+    for net in ("seg", "dis"):
+        moved = any(not torch.equal(a[k], b[k]) for k in a if k.startswith(f"{net}."))
+        assert moved == (net in trained), net
 
 
 @pytest.mark.slow

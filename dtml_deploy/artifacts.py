@@ -231,6 +231,11 @@ class TrtSidecar:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrtSidecar:
+        version = d.get("format_version", ARTIFACT_FORMAT_VERSION)
+        if isinstance(version, int) and version > ARTIFACT_FORMAT_VERSION:
+            raise BundleError(f"TensorRT sidecar format {version} is newer than this dtml understands "
+                              f"({ARTIFACT_FORMAT_VERSION}); upgrade dtml or rebuild with "
+                              f"`dtml export --model BUNDLE --trt`")
         try:
             if d.get("format") != TRT_FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, not {TRT_FORMAT!r}")
@@ -244,7 +249,7 @@ class TrtSidecar:
                 profile=TrtProfile(**d["profile"]),
                 patch_size=tuple(int(p) for p in d["patch_size"]),  # type: ignore[arg-type]
                 outputs=tuple(str(o) for o in d["outputs"]),
-                engine_sha256=str(d.get("engine_sha256", "")),
+                engine_sha256=str(d["engine_sha256"]),
                 dtml_version=str(d.get("dtml_version", "")),
                 source_onnx=str(d.get("source_onnx", "")),
                 build_seconds=float(d.get("build_seconds", 0.0)),

@@ -70,6 +70,12 @@ def test_sidecar_round_trip_and_damage(tmp_path):
         check_trt_sidecar(broken, **RUNTIME)
     with pytest.raises(ValueError, match="min_batch"):
         TrtProfile(4, 2, 8)
+    unchecked = _sidecar()
+    del unchecked["engine_sha256"]  # an engine that cannot be checked is not run
+    with pytest.raises(BundleError, match=r"damaged.*engine_sha256.*dtml export"):
+        TrtSidecar.from_dict(unchecked)
+    with pytest.raises(BundleError, match=r"format 2 is newer than this dtml understands \(1\); upgrade dtml"):
+        TrtSidecar.from_dict(_sidecar(format_version=2))
 
 
 def test_unavailable_backend_refuses_in_one_line():

@@ -82,7 +82,7 @@ class TrtBackend(Backend):
         check_trt_sidecar(sidecar, bundle_hash=bundle.content_hash, tensorrt_version=trt.__version__,
                           gpu_name=props.name, compute_capability=(props.major, props.minor))
         self._check_request(sidecar, artifact)
-        if sidecar.engine_sha256 and file_sha256(artifact) != sidecar.engine_sha256:
+        if file_sha256(artifact) != sidecar.engine_sha256:
             raise BundleError(f"{artifact}: checksum differs from its sidecar (file replaced or corrupt); "
                               f"{_REBUILD}")
         self.sidecar = sidecar

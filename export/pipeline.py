@@ -21,6 +21,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.intensity import prepare
 from dtml_deploy.io.volume import read_volume
+from dtml_deploy.resample import resize, spacing_differs, target_shape
 from export.formats import artifact_path
 from export.onnx_export import export_onnx_info
 from export.verify import render_report, verify_onnx
@@ -66,9 +67,12 @@ class ExportResult:
 
 
 def central_patch(case: Path, bundle: Bundle) -> np.ndarray:
-    """The network input at the centre of a real scan, zero-padded to the bundle's patch size."""
+    """The network input at the centre of a real scan, as `dtml segment` would feed it (intensities
+    prepared, resampled to the model's spacing), zero-padded to the bundle's patch size."""
     vol = read_volume(case, default_spacing=bundle.model.spacing)
     x, _ = prepare(vol.array, bundle.model.intensity, "auto", str(case))
+    if vol.header is not None and spacing_differs(vol.spacing, bundle.model.spacing):
+        x = resize(x, target_shape(x.shape, vol.spacing, bundle.model.spacing))
     patch = bundle.model.patch_size
     out = np.zeros(patch, np.float32)
     src, dst = [], []

@@ -98,3 +98,20 @@ def test_segment_with_onnx_matches_torch_on_a_real_case(bundle_dir, sample_root,
     p2 = nib.load(str(tmp_path / "onnx" / f"{cid}_prob.nii.gz")).get_fdata()
     assert np.abs(p1 - p2).max() < 1e-3  # fp32 both; BN folded in both; only op order differs
     assert 0.02 < m1.mean() < 0.98 and dice(m1, m2) > 0.99
+
+
+def test_real_verification_patch_is_taken_at_the_models_spacing(bundle_dir, sample_root, tmp_path):
+    """A scan at 1.25 mm is resampled to the model's 0.625 mm before its centre is cut, as `dtml segment`
+    would feed it: a 20x20x12 crop becomes 40x40x24, filling the 32^3 patch in x and y."""
+    from dtml_deploy.bundle import Bundle
+    from export.pipeline import central_patch
+
+    src = nib.load(str(_case(sample_root)[0]))
+    data = np.asarray(src.get_fdata(dtype=np.float32))[30:50, 30:50, 20:32]
+    coarse = tmp_path / "coarse.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([1.25, 1.25, 1.25, 1.0])), str(coarse))
+    patch = central_patch(coarse, Bundle.load(bundle_dir))
+    assert patch.shape == (32, 32, 32)
+    filled = np.argwhere(patch != 0)
+    extent = filled.max(0) - filled.min(0) + 1
+    assert tuple(extent) == (32, 32, 24)  # without resampling: 20 x 20 x 12

@@ -32,6 +32,9 @@ PROB_COMBINATION = "prob = (p_seg + p_dis) / 2"
 ONNX_FORMAT = "dtml-onnx"
 TRT_FORMAT = "dtml-trt-engine"
 ARTIFACT_FORMAT_VERSION = 1
+# The commands that make each artifact, as error messages quote them.
+EXPORT_ONNX = "dtml export --model BUNDLE"
+EXPORT_TRT = f"{EXPORT_ONNX} --trt"
 _PREFIX = "dtml."
 
 
@@ -160,7 +163,7 @@ def parse_onnx_metadata(meta: Mapping[str, str], source: str = "ONNX file") -> A
     """Validate the `dtml.*` entries; an ONNX file not made by `dtml export` is a `BundleError`."""
     if meta.get(_PREFIX + "format") != ONNX_FORMAT:
         raise BundleError(f"{source}: not exported by dtml (no dtml metadata); "
-                          f"make one with `dtml export --model BUNDLE`")
+                          f"make one with `{EXPORT_ONNX}`")
     try:
         version = int(json.loads(meta[_PREFIX + "format_version"]))
         if version > ARTIFACT_FORMAT_VERSION:
@@ -178,7 +181,7 @@ def parse_onnx_metadata(meta: Mapping[str, str], source: str = "ONNX file") -> A
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{source}: damaged dtml metadata ({type(e).__name__}: {e}); "
-                          f"re-export with `dtml export --model BUNDLE`") from None
+                          f"re-export with `{EXPORT_ONNX}`") from None
 
 
 def check_bundle_hash(artifact_hash: str, bundle: Bundle, source: str, rebuild: str) -> None:
@@ -235,7 +238,7 @@ class TrtSidecar:
         if isinstance(version, int) and version > ARTIFACT_FORMAT_VERSION:
             raise BundleError(f"TensorRT sidecar format {version} is newer than this dtml understands "
                               f"({ARTIFACT_FORMAT_VERSION}); upgrade dtml or rebuild with "
-                              f"`dtml export --model BUNDLE --trt`")
+                              f"`{EXPORT_TRT}`")
         try:
             if d.get("format") != TRT_FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, not {TRT_FORMAT!r}")
@@ -258,7 +261,7 @@ class TrtSidecar:
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise BundleError(f"TensorRT sidecar is damaged ({type(e).__name__}: {e}); "
-                              f"rebuild with `dtml export --model BUNDLE --trt`") from None
+                              f"rebuild with `{EXPORT_TRT}`") from None
 
 
 def sidecar_path(engine_path: Path) -> Path:
@@ -272,13 +275,13 @@ def read_sidecar(engine_path: Path) -> TrtSidecar:
     path = sidecar_path(engine_path)
     if not path.is_file():
         raise BundleError(f"{path}: the engine's sidecar is missing, so it cannot be checked; "
-                          f"rebuild with `dtml export --model BUNDLE --trt`")
+                          f"rebuild with `{EXPORT_TRT}`")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); rebuild with `dtml export --model BUNDLE --trt`") from None
+        raise BundleError(f"{path}: not valid JSON ({e}); rebuild with `{EXPORT_TRT}`") from None
     if not isinstance(data, dict):
-        raise BundleError(f"{path}: not a dtml sidecar; rebuild with `dtml export --model BUNDLE --trt`")
+        raise BundleError(f"{path}: not a dtml sidecar; rebuild with `{EXPORT_TRT}`")
     return TrtSidecar.from_dict(data)
 
 
@@ -287,7 +290,7 @@ def check_trt_sidecar(sidecar: TrtSidecar | Mapping[str, Any], *, bundle_hash: s
     """Refuse an engine built for other weights (`BundleError`), another TensorRT or another GPU
     (`BackendUnavailable`); every message says how to rebuild."""
     sc = sidecar if isinstance(sidecar, TrtSidecar) else TrtSidecar.from_dict(sidecar)
-    rebuild = "rebuild it here with `dtml export --model BUNDLE --trt`"
+    rebuild = f"rebuild it here with `{EXPORT_TRT}`"
     if sc.bundle_hash != bundle_hash:
         raise BundleError(f"TensorRT engine was built from bundle {sc.bundle_hash}, but the bundle given is "
                           f"{bundle_hash}; {rebuild}")
@@ -309,7 +312,7 @@ def _first_line(e: BaseException) -> str:
 def require_artifact(artifact: Path | None, fmt: str) -> Path:
     """The artifact a runtime backend was given, checked to exist and to be of its format."""
     f = FORMATS[fmt]
-    export = "dtml export --model BUNDLE --trt" if fmt == "trt" else "dtml export --model BUNDLE"
+    export = EXPORT_TRT if fmt == "trt" else EXPORT_ONNX
     other = "ONNX graphs run with --backend onnx" if fmt == "trt" else "TensorRT engines run with --backend trt"
     if artifact is None:
         raise BackendUnavailable(f"the {fmt} backend runs an exported model: run `{export}` first "

@@ -29,6 +29,7 @@ import torch
 
 from dtml_deploy import __version__
 from dtml_deploy.artifacts import (
+    EXPORT_ONNX,
     ONNX_INPUT,
     ArtifactInfo,
     TrtProfile,
@@ -161,12 +162,12 @@ def _choose_typing(trt: Any, info: ArtifactInfo, fp16: bool, onnx_path: Path) ->
     if info.precision == "fp16":
         if not fp16:
             raise ValueError(f"{onnx_path} is the fp16 graph; build an fp32 engine from the fp32 ONNX "
-                             f"(`dtml export --model BUNDLE --precision fp32`) or pass fp16=True")
+                             f"(`{EXPORT_ONNX} --precision fp32`) or pass fp16=True")
         return True
     if not has_weak_fp16(trt):  # TensorRT 11: every network is strongly typed
         if fp16:
             raise DtmlError(f"TensorRT {trt.__version__} builds fp16 engines only from the fp16 graph "
-                            f"(strong typing): export it with `dtml export --model BUNDLE --precision fp16` and "
+                            f"(strong typing): export it with `{EXPORT_ONNX} --precision fp16` and "
                             f"build from that")
         return True
     return False  # TensorRT 10: the classic weakly typed build (fp32, or fp16 via BuilderFlag.FP16)

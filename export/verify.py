@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtml_deploy.artifacts import ONNX_INPUT, ONNX_OUTPUTS, check_bundle_hash, parse_onnx_metadata
+from dtml_deploy.artifacts import EXPORT_ONNX, ONNX_INPUT, ONNX_OUTPUTS, check_bundle_hash, parse_onnx_metadata
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.errors import BackendUnavailable
@@ -174,7 +174,7 @@ def verify_onnx(bundle: Bundle, onnx_path: Path, *, real_patch: np.ndarray | Non
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     info = parse_onnx_metadata(session.get_modelmeta().custom_metadata_map, str(onnx_path))
-    check_bundle_hash(info.bundle_hash, bundle, str(onnx_path), "dtml export --model BUNDLE")
+    check_bundle_hash(info.bundle_hash, bundle, str(onnx_path), EXPORT_ONNX)
     tol = tol or tolerance(info.precision, bundle.model.k)
     net = bundle.build("cpu")
     patch = bundle.model.patch_size

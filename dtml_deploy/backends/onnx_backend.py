@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dtml_deploy.artifacts import (
+    EXPORT_ONNX,
     FORMATS,
     ONNX_INPUT,
     ArtifactInfo,
@@ -82,14 +83,14 @@ class OnnxBackend(Backend):
                                                  providers=self.providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise BundleError(f"{artifact}: onnxruntime cannot load it ({_first_line(e)}); "
-                              f"re-export with `dtml export --model BUNDLE`") from None
+                              f"re-export with `{EXPORT_ONNX}`") from None
         self.artifact = artifact
         self.info: ArtifactInfo = parse_onnx_metadata(self._session.get_modelmeta().custom_metadata_map,
                                                       str(artifact))
-        check_bundle_hash(self.info.bundle_hash, bundle, str(artifact), "dtml export --model BUNDLE")
+        check_bundle_hash(self.info.bundle_hash, bundle, str(artifact), EXPORT_ONNX)
         missing = [o for o in self.outputs if o not in self.info.outputs]
         if missing:
-            raise BundleError(f"{artifact} has no output {missing}; re-export with `dtml export --model BUNDLE`")
+            raise BundleError(f"{artifact} has no output {missing}; re-export with `{EXPORT_ONNX}`")
         want = options.precision
         if want not in FORMATS["onnx"].precisions:
             raise BackendUnavailable(f"the onnx backend runs fp32 or fp16 graphs, not {want}; "
@@ -97,7 +98,7 @@ class OnnxBackend(Backend):
         if want != self.info.precision:
             raise BackendUnavailable(f"{artifact} is an {self.info.precision} graph but --precision {want} "
                                      f"was asked; pass --precision {self.info.precision} or export "
-                                     f"{want} with `dtml export --model BUNDLE --precision {want}`")
+                                     f"{want} with `{EXPORT_ONNX} --precision {want}`")
         self._fetch = list(self.outputs)
 
     def _providers(self, ort: Any) -> list[Any]:

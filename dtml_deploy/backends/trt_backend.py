@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dtml_deploy.artifacts import (
+    EXPORT_TRT,
     FORMATS,
     ONNX_INPUT,
     TrtSidecar,
@@ -28,7 +29,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, BundleError, DtmlError
 from dtml_deploy.io.digest import file_sha256
 
-_REBUILD = "rebuild with `dtml export --model BUNDLE --trt`"
+_REBUILD = f"rebuild with `{EXPORT_TRT}`"
 
 
 def _import_trt() -> Any | None:
@@ -117,12 +118,12 @@ class TrtBackend(Backend):
         if not prof.min_batch <= self.options.batch <= prof.max_batch:
             raise BackendUnavailable(
                 f"{artifact} takes batches of {prof.min_batch}..{prof.max_batch}, --batch {self.options.batch} "
-                f"was asked; pass a batch in that range or rebuild with `dtml export --model BUNDLE --trt "
+                f"was asked; pass a batch in that range or rebuild with `{EXPORT_TRT} "
                 f"--max-batch {self.options.batch}`")
         if self.options.precision != sidecar.precision:
             raise BackendUnavailable(
                 f"{artifact} is an {sidecar.precision} engine but --precision {self.options.precision} was "
-                f"asked; pass --precision {sidecar.precision} or build one with `dtml export --model BUNDLE --trt "
+                f"asked; pass --precision {sidecar.precision} or build one with `{EXPORT_TRT} "
                 f"--precision {self.options.precision}`")
 
     @property

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from dtml_deploy import __version__
-from dtml_deploy.artifacts import TrtProfile
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.intensity import prepare
@@ -50,9 +49,9 @@ class ExportRequest:
 
     def __post_init__(self) -> None:
         if self.trt:  # a bad profile fails before minutes of exporting, not after
-            TrtProfile(self.min_batch, self.opt_batch, self.max_batch)
-            if self.workspace_gb <= 0:
-                raise ValueError(f"workspace_gb must be positive, got {self.workspace_gb}")
+            from export.trt_build import check_build_options  # importable without TensorRT
+
+            check_build_options(self.min_batch, self.opt_batch, self.max_batch, self.workspace_gb)
 
 
 @dataclass

@@ -74,13 +74,19 @@ class TrtBuild:
     size_bytes: int
 
 
+def check_build_options(min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float) -> TrtProfile:
+    """The batch profile, once the options are known to be buildable (ValueError otherwise)."""
+    profile = TrtProfile(min_batch, opt_batch, max_batch)
+    if workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
+    return profile
+
+
 def build_engine(onnx_path: Path, engine_path: Path, *, min_batch: int = 1, opt_batch: int = 4,
                  max_batch: int = 8, fp16: bool = False, workspace_gb: float = 4.0,
                  timing_cache: Path | None = None, tf32: bool = True) -> TrtBuild:
     """Build and write `engine_path` (atomically) plus its sidecar; see the module docstring."""
-    profile = TrtProfile(min_batch, opt_batch, max_batch)
-    if workspace_gb <= 0:
-        raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
+    profile = check_build_options(min_batch, opt_batch, max_batch, workspace_gb)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     info = parse_onnx_metadata(read_onnx_metadata(onnx_path), str(onnx_path))
     trt = _trt()

@@ -11,7 +11,6 @@ must be bit-identical. Unit spacing (voxels), as the paper reports.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -102,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
           f"speedup {total_medpy / total_ours:.1f}x; values identical: {mismatches == 0}")
     if args.json:
         import json
-        import platform
 
         md = ("| cases | medpy dc+jc+hd95+asd (s) | dtml case_metrics (s) | speed-up | values identical |\n"
               "|---|---|---|---|---|\n"
               f"| {len(files)} LA labels vs perturbed predictions | {total_medpy:.3f} | {total_ours:.3f} | "
               f"{total_medpy / total_ours:.1f}x | {mismatches == 0} |")
-        args.json.write_text(json.dumps({"machine": f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+        from common import machine
+
+        args.json.write_text(json.dumps({"machine": machine(),
                                          "markdown": md, "medpy_s": total_medpy, "ours_s": total_ours}, indent=2))
     return 1 if mismatches else 0
 

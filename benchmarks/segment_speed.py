@@ -32,10 +32,10 @@ from reference import reference_sliding_window
 
 from dtml_deploy.backends.base import BackendOptions, create_backend
 from dtml_deploy.bundle import Bundle
-from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
+from export.verify import random_bundle
 
 
 def sync() -> None:
@@ -54,17 +54,6 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def random_bundle(n_filters: int, seed: int = 0) -> Bundle:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(net=NetConfig(n_filters=n_filters))
-    net = DualTaskNet(cfg.net, k=cfg.k)
-    for m in net.modules():  # non-trivial BatchNorm statistics, so folding does real work
-        if isinstance(m, torch.nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.8, 1.2)
-    return Bundle.from_net(net.eval(), cfg)
 
 
 def engine_fn(bundle: Bundle, volume: np.ndarray, grid: GridSpec, blend: str, out: dict, keep_prob: bool = True,
@@ -130,7 +119,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     repeats = args.repeats or (5 if cuda else 1)
-    bundle = random_bundle(args.n_filters)
+    # random weights, BatchNorm statistics randomised so folding does real work
+    bundle = random_bundle(args.n_filters, (112, 112, 80), centre_heads=False)
     net = bundle.build()
     rng = np.random.default_rng(0)
     small = rng.standard_normal(tuple(args.small)).astype(np.float32)

@@ -599,6 +599,6 @@ def below_min_dice(report: BenchmarkReport, min_dice: float) -> list[str]:
             low.append(f"{r.key} (failed)")
         elif r.timed and r.agreement is None:
             low.append(f"{r.key} (not measured)")
-        elif r.timed and r.agreement is not None and r.agreement < min_dice:
+        elif r.timed and r.agreement < min_dice:
             low.append(f"{r.key} ({r.agreement:.4f})")
     return low

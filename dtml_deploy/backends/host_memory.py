@@ -9,8 +9,8 @@ fp32, benchmarks/segment_speed.py shows the effect end to end). This is what jem
 LD_PRELOAD would give, without an environment variable that must be set before the process starts.
 
 The setting is process-wide and one-way: freed memory below 2 GiB stays with the process (RSS keeps
-its high-water mark) instead of going back to the OS. That suits a segmentation run; a library user who embeds dtml in
-a long-lived service can turn it off with `BackendOptions(keep_host_memory=False)`.
+its high-water mark) instead of going back to the OS. That suits a segmentation run; a library user
+who embeds dtml in a long-lived service can turn it off with `BackendOptions(keep_host_memory=False)`.
 """
 
 from __future__ import annotations

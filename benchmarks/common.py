@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from pathlib import Path
 
 import torch
+
+from export.benchmark import machine as export_machine
+from export.benchmark import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,27 +20,9 @@ def find_data() -> Path | None:
 
 
 def machine() -> str:
-    """One line naming the hardware the numbers come from."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    """One line naming the hardware the numbers come from (the GPU when torch sees one)."""
+    return export_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table of `rows` restricted to `columns`."""
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
-        return "" if v is None else str(v)
-
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(out)
+# One Markdown table writer for the benchmark scripts and `dtml benchmark`.
+table = markdown_table

@@ -59,7 +59,6 @@ def test_failed_verification_fails_and_leaves_nothing(bundle_dir, tmp_path, monk
 
 
 def test_trt_export_without_tensorrt_is_a_clear_error(bundle_dir, tmp_path):
-    pytest.importorskip("importlib")
     try:
         import tensorrt  # noqa: F401
 

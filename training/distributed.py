@@ -16,10 +16,6 @@ class DistInfo:
     local_rank: int = 0
 
     @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

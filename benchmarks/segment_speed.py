@@ -32,7 +32,7 @@ from reference import reference_sliding_window
 
 from dtml_deploy.backends.base import BackendOptions, create_backend
 from dtml_deploy.bundle import Bundle
-from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec
+from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec, window_starts
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
 from export.verify import random_bundle
@@ -104,7 +104,10 @@ def monai_fn(net: DualTaskNet, volume: np.ndarray, device: torch.device, precisi
     return run
 
 
-def main() -> None:
+PATCH = (112, 112, 80)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-filters", type=int, default=16)
     ap.add_argument("--small", type=int, nargs=3, default=(144, 128, 88), help="volume of comparison A")
@@ -115,46 +118,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="engine batch sizes to try")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build)")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    repeats = args.repeats or (5 if cuda else 1)
-    # random weights, BatchNorm statistics randomised so folding does real work
-    bundle = random_bundle(args.n_filters, (112, 112, 80), centre_heads=False)
-    net = bundle.build()
-    rng = np.random.default_rng(0)
-    small = rng.standard_normal(tuple(args.small)).astype(np.float32)
-    if args.real_case and find_data() is not None:
-        import nibabel as nib
+    return ap.parse_args()
 
-        data = find_data()
-        img_path = sorted((data / "images").glob("*.nii.gz"))[0]
-        small = np.asarray(nib.load(str(img_path)).get_fdata(dtype=np.float32))
-    rows: list[dict] = []
 
-    def row(section: str, name: str, vol: np.ndarray, grid: GridSpec, seconds: float) -> dict:
-        from dtml_deploy.engine.grid import window_starts
+def small_volume(args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """Comparison A's volume: random, or the first real LA image with --real-case."""
+    data = find_data() if args.real_case else None
+    if data is None:
+        return rng.standard_normal(tuple(args.small)).astype(np.float32)
+    import nibabel as nib
 
-        n = len(window_starts(vol.shape, (112, 112, 80), grid))
-        r = {"section": section, "method": name, "volume": "x".join(map(str, vol.shape)), "windows": n,
-             "seconds": seconds, "windows/s": n / seconds, "Mvox/s": vol.size / seconds / 1e6}
-        rows.append(r)
-        print(f"  {section} {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
-        return r
+    img_path = sorted((data / "images").glob("*.nii.gz"))[0]
+    return np.asarray(nib.load(str(img_path)).get_fdata(dtype=np.float32))
 
-    # A: paper grid, reference loop vs engine (fp32 both; plus the engine's fast settings)
-    paper = GridSpec(stride=PAPER_STRIDE)
-    ref_net = net.to(dev)
 
-    ref_out: dict = {}
-
-    def ref() -> object:
-        ref_out.update(reference_sliding_window(ref_net, small, (112, 112, 80), PAPER_STRIDE, heads=("p_seg", "p_dis")))
-        return ref_out
-
-    ref_s = row("A", "paper loop (fp32, 1 window/forward, host accumulation)", small, paper,
-                timed(ref, repeats, args.warmup))
-    batches = args.batch or ([8, 16] if cuda else [2])
+def engine_variants(cuda: bool, batches: list[int], compile_: bool) -> list[tuple[str, dict, int]]:
+    """The engine settings timed on this device: (label, backend options, batch)."""
     b0 = batches[0]
     variants: list[tuple[str, dict, int]] = [("fp32", dict(precision="fp32"), b0)]
     if cuda:
@@ -164,76 +143,129 @@ def main() -> None:
                           dict(precision="fp16", cuda_graphs=True, cudnn_fusion=True), b)]
         variants += [("fp16", dict(precision="fp16"), b0),
                      ("bf16 + CUDA graphs", dict(precision="bf16", cuda_graphs=True), b0)]
-        if args.compile:
+        if compile_:
             variants.append(("fp16 + compile", dict(precision="fp16", compile=True), b0))
-    else:
-        # glibc's keep-freed-memory setting is one-way for the process (dtml_deploy/backends/host_memory.py):
-        # the row without it runs first, right after the paper loop, which also ran without it.
-        variants.insert(0, ("fp32, glibc malloc defaults", dict(precision="fp32", keep_host_memory=False), b0))
-        # bf16 convolutions run on AVX512-BF16/AMX CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids)
-        variants.append(("bf16", dict(precision="bf16"), b0))
-        try:
-            import onnxruntime  # noqa: F401
+        return variants
+    # glibc's keep-freed-memory setting is one-way for the process (dtml_deploy/backends/host_memory.py):
+    # the row without it runs first, right after the paper loop, which also ran without it.
+    variants.insert(0, ("fp32, glibc malloc defaults", dict(precision="fp32", keep_host_memory=False), b0))
+    # bf16 convolutions run on AVX512-BF16/AMX CPUs (e.g. AMD Zen 4, Intel Sapphire Rapids)
+    variants.append(("bf16", dict(precision="bf16"), b0))
+    try:
+        import onnxruntime  # noqa: F401
 
-            variants.append(("onnxruntime fp32", dict(precision="fp32", backend="onnx"), b0))
-        except ImportError:
-            pass
-    ref_prob = ref_out["p_seg"]
+        variants.append(("onnxruntime fp32", dict(precision="fp32", backend="onnx"), b0))
+    except ImportError:
+        pass
+    return variants
+
+
+class Rows:
+    """The result table, printed to stderr as it fills."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, section: str, name: str, vol: np.ndarray, grid: GridSpec, seconds: float) -> dict:
+        n = len(window_starts(vol.shape, PATCH, grid))
+        r = {"section": section, "method": name, "volume": "x".join(map(str, vol.shape)), "windows": n,
+             "seconds": seconds, "windows/s": n / seconds, "Mvox/s": vol.size / seconds / 1e6}
+        self.rows.append(r)
+        print(f"  {section} {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        return r
+
+    def error(self, section: str, name: str, e: Exception) -> None:
+        self.rows.append({"section": section, "method": name, "error": str(e)[:80]})
+
+
+def section_a(rows: Rows, bundle: Bundle, small: np.ndarray, variants: list[tuple[str, dict, int]],
+              dev: torch.device, repeats: int, warmup: int) -> None:
+    """The paper's grid: the reference loop, then each engine variant (fp32 reference probabilities)."""
+    paper = GridSpec(stride=PAPER_STRIDE)
+    ref_net = bundle.build().to(dev)
+    ref_out: dict = {}
+
+    def ref() -> object:
+        ref_out.update(reference_sliding_window(ref_net, small, PATCH, PAPER_STRIDE, heads=("p_seg", "p_dis")))
+        return ref_out
+
+    ref_s = rows.add("A", "paper loop (fp32, 1 window/forward, host accumulation)", small, paper,
+                     timed(ref, repeats, warmup))
     for label, opts, b in variants:
         opts = dict(opts)
         if opts.get("backend") == "onnx":
             opts["artifact"] = _onnx_artifact(bundle)
         out: dict = {}
+        name = f"dtml engine {label}, batch {b}"
         try:
             fn = engine_fn(bundle, small, paper, "constant", out, device=str(dev), batch=b, **opts)
-            r = row("A", f"dtml engine {label}, batch {b}", small, paper, timed(fn, repeats, args.warmup))
+            r = rows.add("A", name, small, paper, timed(fn, repeats, warmup))
         except Exception as e:  # a variant that fails on this machine becomes a row, not a crash
-            rows.append({"section": "A", "method": f"dtml engine {label}, batch {b}", "error": str(e)[:80]})
+            rows.error("A", name, e)
             continue
         r["vs paper loop"] = ref_s["seconds"] / r["seconds"]
         out["check"]()
-        r["max |dp|"] = float(np.abs(out["prob"] - ref_prob).max())
-    if not cuda:
+        r["max |dp|"] = float(np.abs(out["prob"] - ref_out["p_seg"]).max())
+    if dev.type == "cpu":
         # How much of the gain is the allocator alone: the paper loop again, now in a process whose
         # malloc keeps freed memory (set by the engine rows above).
-        again = timed(ref, repeats, args.warmup)
-        r = row("A", "paper loop again, with dtml's host-memory setting", small, paper, again)
+        r = rows.add("A", "paper loop again, with dtml's host-memory setting", small, paper,
+                     timed(ref, repeats, warmup))
         r["vs paper loop"] = ref_s["seconds"] / r["seconds"]
 
-    # B: overlap 0.5 on a large volume, MONAI vs engine
+
+def section_b(rows: Rows, bundle: Bundle, vol: np.ndarray, variants: list[tuple[str, dict, int]],
+              dev: torch.device, repeats: int, warmup: int) -> None:
+    """Overlap 0.5 on a large volume: MONAI (when installed), then each torch engine variant."""
+    half = GridSpec(overlap=0.5)
+    cuda = dev.type == "cuda"
+    mfn = monai_fn(bundle.build(), vol, dev, "fp16" if cuda else "fp32")
+    mon_s = None
+    if mfn is not None:
+        mon_s = rows.add("B", f"MONAI sliding_window_inference ({'fp16 autocast' if cuda else 'fp32'}, sw_batch 8)",
+                         vol, half, timed(mfn, repeats, warmup))["seconds"]
+    base_prob = None
+    for label, opts, b in variants:
+        if opts.get("backend") == "onnx":
+            continue
+        out: dict = {}
+        name = f"dtml engine {label}, batch {b}"
+        try:
+            fn = engine_fn(bundle, vol, half, "constant", out, keep_prob=False, device=str(dev), batch=b,
+                           **dict(opts))
+            r = rows.add("B", name, vol, half, timed(fn, repeats, warmup))
+        except Exception as e:
+            rows.error("B", name, e)
+            continue
+        out["check"]()
+        if base_prob is None:
+            base_prob = out["prob"]  # the fp32 row comes first
+        r["max |dp|"] = float(np.abs(out["prob"] - base_prob).max())
+        if mon_s:
+            r["vs MONAI"] = mon_s / r["seconds"]
+
+
+def main() -> None:
+    args = parse_args()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    repeats = args.repeats or (5 if cuda else 1)
+    # random weights, BatchNorm statistics randomised so folding does real work
+    bundle = random_bundle(args.n_filters, PATCH, centre_heads=False)
+    rng = np.random.default_rng(0)
+    small = small_volume(args, rng)
+    variants = engine_variants(cuda, args.batch or ([8, 16] if cuda else [2]), args.compile)
+    rows = Rows()
+    section_a(rows, bundle, small, variants, dev, repeats, args.warmup)
     large = tuple(args.large) if args.large else ((576, 576, 88) if cuda else None)
     if large is not None:
-        vol = rng.standard_normal(large).astype(np.float32)
-        half = GridSpec(overlap=0.5)
-        mfn = monai_fn(net, vol, dev, "fp16" if cuda else "fp32")
-        mon_s = None
-        if mfn is not None:
-            mon_s = row("B", f"MONAI sliding_window_inference ({'fp16 autocast' if cuda else 'fp32'}, sw_batch 8)",
-                        vol, half, timed(mfn, repeats, args.warmup))["seconds"]
-        base_prob = None
-        for label, opts, b in variants:
-            if opts.get("backend") == "onnx":
-                continue
-            out = {}
-            try:
-                fn = engine_fn(bundle, vol, half, "constant", out, keep_prob=False, device=str(dev), batch=b,
-                               **dict(opts))
-                r = row("B", f"dtml engine {label}, batch {b}", vol, half, timed(fn, repeats, args.warmup))
-            except Exception as e:
-                rows.append({"section": "B", "method": f"dtml engine {label}, batch {b}", "error": str(e)[:80]})
-                continue
-            out["check"]()
-            if base_prob is None:
-                base_prob = out["prob"]  # the fp32 row comes first
-            r["max |dp|"] = float(np.abs(out["prob"] - base_prob).max())
-            if mon_s:
-                r["vs MONAI"] = mon_s / r["seconds"]
+        section_b(rows, bundle, rng.standard_normal(large).astype(np.float32), variants, dev, repeats, args.warmup)
     print(f"# segment_speed: both networks (n_filters {args.n_filters}, patch 112x112x80), median of {repeats}")
     print(f"# machine: {machine()}")
-    print(table(rows, ["section", "method", "volume", "windows", "seconds", "windows/s", "Mvox/s",
-                       "vs paper loop", "vs MONAI", "max |dp|", "error"]))
+    print(table(rows.rows, ["section", "method", "volume", "windows", "seconds", "windows/s", "Mvox/s",
+                            "vs paper loop", "vs MONAI", "max |dp|", "error"]))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows.rows}, indent=2) + "\n")
 
 
 def _onnx_artifact(bundle: Bundle) -> Path:

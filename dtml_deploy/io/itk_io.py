@@ -77,11 +77,15 @@ def _header_text(path: Path, stop: bytes) -> str:
 def _check_spacing_declared(path: Path, family: str) -> None:
     if family == "nrrd":
         head = _header_text(path, b"\n\n")
+        if not head.startswith("nrrd000"):
+            raise InputError(f"{path}: cannot read NRRD (no NRRD magic line)")
         if "space directions:" not in head and "spacings:" not in head:
             raise InputError(f"{path}: NRRD header gives no voxel spacing ('space directions' or 'spacings'); "
                              "add it (dtml does not guess spacing)")
     else:
         head = _header_text(path, b"ElementDataFile")
+        if "ndims" not in head:
+            raise InputError(f"{path}: cannot read MetaImage (no NDims in the header)")
         if "elementspacing" not in head and "elementsize" not in head:
             raise InputError(f"{path}: MetaImage header gives no ElementSpacing; add it (dtml does not guess "
                              "spacing)")
@@ -115,8 +119,8 @@ def read_itk(path: Path) -> Volume:
     """Read a .nrrd/.nhdr/.mha/.mhd scan; spacing must be declared in the header."""
     name = path.name.lower()
     family = "nrrd" if name.endswith(NRRD_SUFFIXES) else "mha"
-    sitk = require_sitk(f"reading {Path(name).suffix}")
     _check_spacing_declared(path, family)
+    sitk = require_sitk(f"reading {Path(name).suffix}")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:

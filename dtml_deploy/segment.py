@@ -80,7 +80,7 @@ def case_name(path: Path) -> str:
 
     if path.name in ("mri_norm2.h5", CHALLENGE_IMAGE):
         return path.parent.name
-    if (path.is_dir() or is_dicom_file(path)) and not has_volume_suffix(path):
+    if not has_volume_suffix(path) and (path.is_dir() or is_dicom_file(path)):
         return series_name(path) if path.is_file() else path.name
     return strip_suffix(path.name)
 

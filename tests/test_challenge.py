@@ -147,6 +147,7 @@ def small_root(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
+@pytest.mark.slow  # three CLI runs (train 2 iterations, evaluate, segment): about 5 s on an idle 2-core box
 def test_train_evaluate_and_segment_run_on_the_challenge_layout(small_root, tmp_path):
     r = CliRunner().invoke(app, ["train", "--data", str(small_root), "--out", str(tmp_path / "run"), "--labeled", "1",
                                  "--labeled-bs", "1", "--unlabeled-bs", "1", "--iterations", "2", "--n-filters", "4",
@@ -165,5 +166,7 @@ def test_train_evaluate_and_segment_run_on_the_challenge_layout(small_root, tmp_
     for case in small_root.iterdir():  # the input's format, on the whole scan's grid
         out = sitk.ReadImage(str(tmp_path / "masks" / f"{case.name}.nrrd"))
         ref = sitk.ReadImage(str(case / "lgemri.nrrd"))
-        assert (out.GetSize(), out.GetSpacing(), out.GetOrigin()) == (ref.GetSize(), ref.GetSpacing(), ref.GetOrigin())
-    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == sorted(f"{c.name}.nrrd" for c in small_root.iterdir())
+        assert (out.GetSize(), out.GetSpacing(), out.GetOrigin(), out.GetDirection()) == \
+            (ref.GetSize(), ref.GetSpacing(), ref.GetOrigin(), ref.GetDirection())
+    names = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert names == sorted(f"{c.name}.nrrd" for c in small_root.iterdir())

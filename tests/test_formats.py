@@ -314,3 +314,16 @@ def test_format_option_and_its_one_line_errors(segmented, oblique, tmp_path):
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "dicom-seg needs a DICOM series" in errors[0]
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_a_missing_extra_is_one_line_naming_it(oblique, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # import fails as if not installed
+    _expect_error(oblique["nrrd"], r"reading \.nrrd needs SimpleITK: pip install 'dtml\[itk\]'")
+    _expect_error(oblique["dicom"], r"reading DICOM needs SimpleITK: pip install 'dtml\[dicom\]'")
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    from dtml_deploy.io.dicom_seg import _require
+
+    with pytest.raises(InputError, match=r"DICOM SEG needs highdicom and pydicom: pip install 'dtml\[dicom\]'"):
+        _require()

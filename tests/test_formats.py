@@ -327,3 +327,17 @@ def test_a_missing_extra_is_one_line_naming_it(oblique, monkeypatch, tmp_path):
 
     with pytest.raises(InputError, match=r"DICOM SEG needs highdicom and pydicom: pip install 'dtml\[dicom\]'"):
         _require()
+
+
+def test_dicom_seg_and_its_nifti_appear_together_or_not_at_all(segmented, oblique, monkeypatch, tmp_path):
+    import dtml_deploy.io.dicom_seg as dicom_seg
+
+    def full_disk(dataset, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(dicom_seg, "save_seg", full_disk)
+    out = tmp_path / "out"
+    result = _cli("segment", oblique["dicom"], "-o", out, "--model", segmented[2], *CPU)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "No space left" in errors[0]
+    assert list(out.iterdir()) == []  # the NIfTI mask, written first, is not left behind either

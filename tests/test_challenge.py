@@ -147,7 +147,7 @@ def small_root(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return root
 
 
-@pytest.mark.slow  # three CLI runs (train 2 iterations, evaluate, segment): about 5 s on an idle 2-core box
+@pytest.mark.slow  # three CLI runs (train 2 iterations, evaluate, segment): 20 s on the shared 2-core box
 def test_train_evaluate_and_segment_run_on_the_challenge_layout(small_root, tmp_path):
     r = CliRunner().invoke(app, ["train", "--data", str(small_root), "--out", str(tmp_path / "run"), "--labeled", "1",
                                  "--labeled-bs", "1", "--unlabeled-bs", "1", "--iterations", "2", "--n-filters", "4",

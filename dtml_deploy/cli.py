@@ -65,6 +65,14 @@ class IntensityName(str, Enum):
     none = "none"
 
 
+class FormatName(str, Enum):
+    auto = "auto"
+    nii_gz = "nii.gz"
+    nrrd = "nrrd"
+    mha = "mha"
+    dicom_seg = "dicom-seg"
+
+
 class AmpName(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -254,18 +262,17 @@ def export_cmd(
 
 
 def _expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders -> their NIfTI files and UA-MT <ID>/mri_norm2.h5; globs expanded."""
+    """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
+    DICOM series (io/formats.find_scans); globs expanded."""
     import glob
 
-    from dtml_deploy.io.volume import has_volume_suffix
+    from dtml_deploy.io.formats import find_scans
 
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and has_volume_suffix(f))
-            files += sorted(p.glob("*/mri_norm2.h5"))
-            found.extend(files)
+            found.extend(find_scans(p))
         elif not p.exists() and any(c in item for c in "*?["):
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -275,7 +282,8 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 
 @app.command()
 def segment(
-    inputs: Annotated[list[str], typer.Argument(help="Scans: files (.nii, .nii.gz, .h5), folders or globs")],
+    inputs: Annotated[list[str], typer.Argument(
+        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
     backend: BackendOpt = BackendName.auto,
@@ -294,6 +302,9 @@ def segment(
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = False,
     save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = False,
     save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")] = False,
+    output_format: Annotated[FormatName, typer.Option("--format", help=(
+        "Mask format: auto (the input's: NIfTI, NRRD, MHA; DICOM -> DICOM SEG + NIfTI), nii.gz, nrrd, mha, "
+        "dicom-seg (DICOM input only)"))] = FormatName.auto,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = False,
@@ -316,7 +327,8 @@ def segment(
             overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
             head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
-            save_uncertainty=save_uncertainty, overwrite=overwrite, json_report=json_report,
+            save_uncertainty=save_uncertainty, output_format=output_format.value, overwrite=overwrite,
+            json_report=json_report,
             compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, progress=progress)
         reports = run_segment(req, bundle)
     failed = [r for r in reports if r.status != "ok"]

@@ -20,6 +20,7 @@ import numpy as np
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.datasets import LabeledCase
+from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.volume import has_volume_suffix, read_volume
 from dtml_deploy.metrics import case_metrics
 from dtml_deploy.segment import Segmenter, case_name
@@ -72,8 +73,8 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
     rows = []
     spacing = segmenter.bundle.model.spacing
     for case in cases:
-        img = read_volume(case.image.path, default_spacing=spacing, dataset=case.image.dataset or "image")
-        lab = read_volume(case.label.path, default_spacing=spacing, dataset=case.label.dataset or "label")
+        img = read_ref(case.image, spacing)  # challenge cases: preprocessed as for training (io/challenge.py)
+        lab = read_ref(case.label, spacing, role="label")
         t = time.perf_counter()
         seg = segmenter.segment_array(img.array, img.spacing if img.header is not None else None, case.case_id)
         seconds = time.perf_counter() - t

@@ -19,6 +19,7 @@ from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import InputError, OutOfMemory
 from dtml_deploy.intensity import Policy, prepare
+from dtml_deploy.io.formats import map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
@@ -31,6 +32,7 @@ class SegmentOptions:
     lcc: bool = True  # keep the largest connected component (the paper's code does)
     resample: bool = True  # resample to the bundle's spacing and back when the scan's differs
     intensity: Policy = "auto"  # z-score unless the scan is already z-scored (see intensity.py)
+    output_format: str = "auto"  # the input's family; see io/formats.py
 
 
 @dataclass
@@ -70,15 +72,17 @@ class CaseReport:
 
 
 def case_name(path: Path) -> str:
-    """'scan.nii.gz' -> 'scan'; the UA-MT layout '<ID>/mri_norm2.h5' -> '<ID>'."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if path.suffix.lower() == ".h5" and name == "mri_norm2":
+    """'scan.nii.gz' -> 'scan' (also .nrrd/.mha/...); '<ID>/mri_norm2.h5' (UA-MT) and '<ID>/lgemri.nrrd'
+    (the LA challenge) -> '<ID>'; a DICOM slice -> its series' readable name (dicom_series.series_name)."""
+    from dtml_deploy.io.dicom_series import is_dicom_file, series_name
+    from dtml_deploy.io.formats import CHALLENGE_IMAGE, strip_suffix
+    from dtml_deploy.io.volume import has_volume_suffix
+
+    if path.name in ("mri_norm2.h5", CHALLENGE_IMAGE):
         return path.parent.name
-    return name
+    if not has_volume_suffix(path) and (path.is_dir() or is_dicom_file(path)):
+        return series_name(path) if path.is_file() else path.name
+    return strip_suffix(path.name)
 
 
 class Segmenter:
@@ -146,11 +150,17 @@ class Segmenter:
             maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
                     "uncertainty": (seg.uncertainty, np.float32)}
             # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
-            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None])
+            prepared = []
+            if "dicom_seg" in outputs:  # built in memory first: a refused series leaves no file behind
+                from dtml_deploy.io.dicom_seg import build_seg, save_seg
+
+                ds = build_seg(vol, seg.mask, self.bundle.content_hash)
+                prepared.append((outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t
             report.status = "ok"
-            report.output = str(outputs["mask"])
+            report.output = str(prepared[0][0] if prepared else outputs["mask"])
             report.shape = list(vol.shape)
             report.spacing = [float(s) for s in vol.spacing]
             report.windows = seg.windows
@@ -169,13 +179,17 @@ class Segmenter:
     def _output_paths(self, vol: Volume, out_dir: Path) -> dict[str, Path]:
         name = case_name(vol.path)
         cfg = self.options.engine
-        paths = {"mask": out_dir / f"{name}.nii.gz"}
+        fmt = resolve_format(vol, self.options.output_format)
+        ext = map_suffix(fmt)
+        paths = {"mask": out_dir / f"{name}{ext}"}
+        if fmt == "dicom-seg":
+            paths["dicom_seg"] = out_dir / f"{name}_seg.dcm"
         if cfg.keep_prob:
-            paths["prob"] = out_dir / f"{name}_prob.nii.gz"
+            paths["prob"] = out_dir / f"{name}_prob{ext}"
         if cfg.keep_sdm:
-            paths["sdm"] = out_dir / f"{name}_sdm.nii.gz"
+            paths["sdm"] = out_dir / f"{name}_sdm{ext}"
         if cfg.keep_uncertainty:
-            paths["uncertainty"] = out_dir / f"{name}_uncertainty.nii.gz"
+            paths["uncertainty"] = out_dir / f"{name}_uncertainty{ext}"
         src = vol.path.resolve()
         for p in paths.values():
             if p.resolve() == src:

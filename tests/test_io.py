@@ -295,7 +295,7 @@ def test_non_finite_voxels(sample_root: Path, tmp_path: Path, bad: float) -> Non
     assert int((~np.isfinite(raw.array)).sum()) == 2
 
 
-@pytest.mark.parametrize("name", ["scan.mha", "scan.nrrd", "scan.nii.zip", "scan"])
+@pytest.mark.parametrize("name", ["scan.png", "scan.nii.zip", "scan"])
 def test_unknown_extension(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.write_bytes(b"\x00" * 512)
@@ -303,12 +303,20 @@ def test_unknown_extension(tmp_path: Path, name: str) -> None:
     _expect_input_error(path, "unknown extension")
 
 
+@pytest.mark.parametrize("name", ["scan.mha", "scan.nrrd"])
+def test_zeros_named_like_itk_formats(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x00" * 512)
+    assert has_volume_suffix(path)
+    _expect_input_error(path, "cannot read")
+
+
 def test_write_like_rejects_non_nifti_output_and_wrong_shape(sample_root: Path, tmp_path: Path) -> None:
     _, img_path, _ = _sample_case(sample_root)
     vol = read_volume(img_path)
     mask = (vol.array > 0).astype(np.uint8)
-    with pytest.raises(InputError, match=r"out\.mha"):
-        write_like(vol, mask, tmp_path / "out.mha")
+    with pytest.raises(InputError, match=r"out\.png"):
+        write_like(vol, mask, tmp_path / "out.png")
     with pytest.raises(ValueError, match="does not match"):
         write_like(vol, mask[:-1], tmp_path / "short.nii.gz")
     assert list(tmp_path.iterdir()) == []

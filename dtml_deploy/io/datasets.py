@@ -1,8 +1,10 @@
 """Where training cases come from, and the labeled/unlabeled split.
 
-Three layouts:
+Four layouts:
 - LA2018 NIfTI: `<root>/images/<ID>.nii.gz`, `<root>/labels/<ID>.nii.gz`, `<root>/splits.json`;
 - UA-MT h5: `<root>/<ID>/mri_norm2.h5` (datasets `image`, `label`) listed in `<root>/train.list`;
+- the LA challenge download (`la2018-challenge`): `<root>/<ID>/lgemri.nrrd` + `laendo.nrrd`, preprocessed
+  on the fly as the h5 files were (challenge.py);
 - a generic pair of folders: `--data IMAGES_DIR --labels LABELS_DIR`, matched by file name.
 
 The split returns `LabeledCase`s, which carry a label reference, and `UnlabeledCase`s, which do not:
@@ -26,7 +28,9 @@ class ArrayRef:
     """One array on disk: a NIfTI file, or one dataset of an h5 file."""
 
     path: Path
-    dataset: str | None = None  # h5 dataset name; None for NIfTI
+    dataset: str | None = None  # h5 dataset name (for the challenge layout: image | label); None for NIfTI
+    preprocess: str | None = None  # "la2018-challenge": z-score / binarise, then crop (io/refs.py reads it)
+    crop: tuple[int, int, int, int] | None = None  # x0, x1, y0, y1 of that crop
 
 
 @dataclass(frozen=True)
@@ -47,19 +51,27 @@ class DataSource:
     """A data set: ordered case ids and how to find each one's image and label."""
 
     root: Path
-    layout: str  # la2018 | h5 | folders
+    layout: str  # la2018 | h5 | folders | la2018-challenge
     case_ids: tuple[str, ...]
     splits: dict[str, list[str]]
     labels_dir: Path | None = None
     suffix: str = ".nii.gz"
 
     def image_ref(self, case_id: str) -> ArrayRef:
+        if self.layout == "la2018-challenge":
+            from dtml_deploy.io.challenge import case_ref
+
+            return case_ref(self.root, case_id, "image")
         if self.layout == "h5":
             return ArrayRef(self.root / case_id / "mri_norm2.h5", "image")
         folder = self.root / "images" if self.layout == "la2018" else self.root
         return ArrayRef(folder / f"{case_id}{self.suffix}")
 
     def _label_ref(self, case_id: str) -> ArrayRef:
+        if self.layout == "la2018-challenge":
+            from dtml_deploy.io.challenge import case_ref
+
+            return case_ref(self.root, case_id, "label")
         if self.layout == "h5":
             return ArrayRef(self.root / case_id / "mri_norm2.h5", "label")
         folder = self.root / "labels" if self.layout == "la2018" else self.labels_dir
@@ -117,6 +129,11 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
             raise DataError(f"{root}: no cases found in images/")
         splits.setdefault("train", ids)
         return DataSource(root, "la2018", tuple(ids), splits)
+    from dtml_deploy.io.challenge import LAYOUT, challenge_ids
+
+    challenge = challenge_ids(root, list_file)
+    if challenge:
+        return DataSource(root, LAYOUT, tuple(challenge), {"train": challenge})
     lst = Path(list_file) if list_file is not None else root / "train.list"
     if lst.is_file():
         ids = read_case_list(lst)
@@ -124,7 +141,7 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
             raise DataError(f"{lst}: the case list is empty")
         return DataSource(root, "h5", tuple(ids), {"train": ids})
     raise DataError(f"{root}: unrecognised layout (expected images/ + labels/, <ID>/mri_norm2.h5 + "
-                    "train.list, or --labels DIR for a folder pair)")
+                    "train.list, <ID>/lgemri.nrrd, or --labels DIR for a folder pair)")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Reading scans and writing results on exactly the input grid.
 
-Formats, picked by extension: NIfTI (`.nii`, `.nii.gz`, through nibabel) and the UA-MT h5 layout
-(`.h5` with an `image` dataset, no geometry: spacing comes from the caller, identity orientation).
-Every failure is an `InputError` whose message names the file.
+Formats, picked by extension: NIfTI (`.nii`, `.nii.gz`, through nibabel), the UA-MT h5 layout
+(`.h5` with an `image` dataset, no geometry: spacing comes from the caller, identity orientation),
+NRRD and MetaImage (`.nrrd`, `.nhdr`, `.mha`, `.mhd`, through SimpleITK: itk_io.py) and DICOM series
+(a slice file or a one-series folder: dicom_series.py). Every failure is an `InputError` naming the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from dtml_deploy.io.atomic import atomic_paths
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
-SUFFIXES = NIFTI_SUFFIXES + H5_SUFFIXES
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SUFFIXES = NIFTI_SUFFIXES + H5_SUFFIXES + ITK_SUFFIXES
 
 
 def has_volume_suffix(path: Path) -> bool:
@@ -35,7 +37,7 @@ class Volume:
     spacing: tuple[float, float, float]
     affine: np.ndarray
     path: Path
-    header: Any = None  # nibabel header of the source, None for h5
+    header: Any = None  # nibabel header of a NIfTI source, itk_io.ItkGeometry of an ITK/DICOM one, None for h5
     source_shape: tuple[int, ...] = field(default=())  # shape on disk (e.g. X, Y, Z, 1)
 
     @property
@@ -59,13 +61,23 @@ def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
     name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
+    from dtml_deploy.io.dicom_series import is_dicom_file
+
+    if not name.endswith(SUFFIXES) and (path.is_dir() or is_dicom_file(path)):
+        from dtml_deploy.io.dicom_series import read_series
+
+        vol = read_series(path)
+    elif not path.is_file():
+        raise InputError(f"{path}: not a file")
+    elif name.endswith(NIFTI_SUFFIXES):
         vol = _read_nifti(path)
     elif name.endswith(H5_SUFFIXES):
         vol = _read_h5(path, dataset, default_spacing)
+    elif name.endswith(ITK_SUFFIXES):
+        from dtml_deploy.io.itk_io import read_itk
+
+        vol = read_itk(path)
     else:
         raise InputError(f"{path}: unknown extension (expected one of {', '.join(SUFFIXES)})")
     if check_finite and not np.isfinite(vol.array).all():
@@ -114,20 +126,33 @@ def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint
     return Path(path)
 
 
-def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]]) -> None:
-    """`write_like` for several arrays as one unit: every file appears, or none does."""
+def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]],
+                   prepared: Sequence[tuple[Path, Callable[[Path], None]]] = ()) -> None:
+    """`write_like` for several arrays as one unit: every file appears, or none does.
+
+    The format follows each path's suffix (NIfTI, or NRRD/MHA through SimpleITK). `prepared` adds
+    outputs already built in memory (a DICOM SEG), each with the function that saves it to a path."""
     import nibabel as nib
 
-    images = []
+    savers: list[Callable[[Path], None]] = []
     for path, array, dtype in outputs:
         if Path(path).resolve() == ref.path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input scan")
-        if not str(path).lower().endswith(NIFTI_SUFFIXES):
-            raise InputError(f"{path}: output must end in .nii or .nii.gz")
-        images.append(_nifti_like(ref, array, dtype))
-    with atomic_paths([Path(p) for p, _, _ in outputs]) as tmps:
-        for tmp, img in zip(tmps, images, strict=True):
-            nib.save(img, str(tmp))
+        if str(path).lower().endswith((".nrrd", ".mha")):  # single-file formats only: atomic
+            from dtml_deploy.io.itk_io import itk_image_like, write_itk
+
+            savers.append(lambda tmp, im=itk_image_like(ref, array, dtype): write_itk(im, tmp))
+        elif str(path).lower().endswith(NIFTI_SUFFIXES):
+            savers.append(lambda tmp, im=_nifti_like(ref, array, dtype): nib.save(im, str(tmp)))
+        else:
+            raise InputError(f"{path}: output must end in .nii, .nii.gz, .nrrd or .mha")
+    for path, _ in prepared:
+        if Path(path).resolve() == ref.path.resolve():
+            raise InputError(f"{path}: refusing to overwrite the input scan")
+    paths = [Path(p) for p, _, _ in outputs] + [Path(p) for p, _ in prepared]
+    with atomic_paths(paths) as tmps:
+        for tmp, save in zip(tmps, [*savers, *(s for _, s in prepared)], strict=True):
+            save(tmp)
 
 
 def _nifti_like(ref: Volume, array: np.ndarray, dtype: type) -> Any:
@@ -138,7 +163,7 @@ def _nifti_like(ref: Volume, array: np.ndarray, dtype: type) -> Any:
     out = np.asarray(array, dtype=dtype)
     if ref.source_shape and len(ref.source_shape) == 4 and out.ndim == 3:
         out = out[..., None]
-    if ref.header is not None:
+    if hasattr(ref.header, "get_qform"):  # a NIfTI source: keep its header, qform and sform
         hdr = ref.header.copy()
         hdr.set_data_dtype(dtype)
         img = nib.Nifti1Image(out, ref.affine, header=hdr)

@@ -17,13 +17,13 @@ from dtml_deploy.config import IntensityConfig
 from dtml_deploy.errors import DataError, InputError
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.datasets import ArrayRef, LabeledCase, Split, UnlabeledCase
-from dtml_deploy.io.volume import read_volume
+from dtml_deploy.io.refs import read_ref
 
 
 def read_array(ref: ArrayRef, check_finite: bool = True) -> np.ndarray:
     """Read one array as float32 (X, Y, Z); errors become `DataError`."""
     try:
-        vol = read_volume(ref.path, dataset=ref.dataset or "image", check_finite=check_finite)
+        vol = read_ref(ref, check_finite=check_finite)
     except InputError as e:
         raise DataError(str(e)) from None
     return vol.array

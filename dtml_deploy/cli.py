@@ -433,6 +433,7 @@ def evaluate(
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
             rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, _spacing(spacing))
+            _warn_guessed(rows, (1.0, 1.0, 1.0))  # read_volume's default: distances in mm are voxels
             if unscored:
                 extra = {"unscored_labels": unscored}
             if unscored and any(r["status"] == "ok" for r in rows):  # a smaller set would flatter the mean

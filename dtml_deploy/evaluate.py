@@ -133,6 +133,8 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
             if bad:
                 raise InputError(f"{p}: not on the label's grid ({gts[name]}): {bad}")
             rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+            if gv.guessed:
+                rows[-1]["geometry_guessed"] = ",".join(gv.guessed)
         except Exception as e:  # one case never stops the others
             rows.append(_failed(name, case_error(p, e)))
     return rows, unscored

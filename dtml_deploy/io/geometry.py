@@ -8,8 +8,11 @@ named, unless the user gives the spacing explicitly (`--spacing`). Files that ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +35,28 @@ def check_spacing(spacing: Sequence[float], path: Path | str, source: str = "hea
         hint = " (pass --spacing X Y Z to give them explicitly)" if source == "header" else ""
         raise InputError(f"{path}: voxel sizes {tuple(values)} in the {source} must be finite and positive{hint}")
     return values[0], values[1], values[2]
+
+
+@contextlib.contextmanager
+def quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix log lines ("setting 0 dims to 1"): what they fix is checked here and
+    refused with one `error:` line instead."""
+    logger = logging.getLogger("nibabel.global")
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+def raw_pixdim(path: Path | str, header: Any) -> list[float]:
+    """The voxel sizes as stored: nibabel's loaded header has already replaced 0 by 1 and -x by x."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        raw = type(header).from_fileobj(f, check=False)
+    return [float(z) for z in raw["pixdim"][1:4]]
 
 
 def check_affine(affine: np.ndarray, path: Path | str, allow_singular: bool = False) -> None:
@@ -62,8 +87,7 @@ def guessed_geometry_note(name: str, guessed: Sequence[str], spacing: Sequence[f
     """The one warning line (per run) for inputs whose geometry had to be assumed."""
     parts = []
     if "spacing" in guessed:
-        parts.append(f"spacing {tuple(round(float(s), 4) for s in spacing)} mm (the model's; --spacing X Y Z "
-                     f"sets it)")
+        parts.append(f"spacing {tuple(round(float(s), 4) for s in spacing)} mm (--spacing X Y Z sets it)")
     if "orientation" in guessed:
         parts.append("identity orientation")
     if "axis order" in guessed:

@@ -16,7 +16,7 @@ import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.atomic import atomic_paths
-from dtml_deploy.io.geometry import H5_GUESSES, check_affine, check_dtype, check_spacing
+from dtml_deploy.io.geometry import H5_GUESSES, check_affine, check_dtype, check_spacing, quiet_nibabel, raw_pixdim
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
@@ -46,6 +46,8 @@ class Volume:
 
 
 def _check_array(data: np.ndarray, path: Path, what: str = "image") -> np.ndarray:
+    if data.size == 0:
+        raise InputError(f"{path}: {what} has no voxels (shape {tuple(data.shape)})")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -92,19 +94,20 @@ def _read_nifti(path: Path, spacing: tuple[float, float, float] | None, max_voxe
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-        check_dtype(img.get_data_dtype(), path)
-        _check_size(tuple(img.shape), path, max_voxels)
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        with quiet_nibabel(), np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            img = nib.load(str(path))
+            check_dtype(img.get_data_dtype(), path)
+            _check_size(tuple(img.shape), path, max_voxels)
+            data = np.asarray(img.get_fdata(dtype=np.float32))
+            source_shape = tuple(data.shape)
+            data = _check_array(data, path)
+            explicit = spacing is not None
+            if spacing is None:
+                spacing = check_spacing(raw_pixdim(path, img.header), path)
     except InputError:
         raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise InputError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:120]})") from None
-    source_shape = tuple(data.shape)
-    data = _check_array(data, path)
-    explicit = spacing is not None
-    if spacing is None:  # the raw pixdim: nibabel's get_zooms() silently turns a zero voxel size into 1 mm
-        spacing = check_spacing([float(z) for z in img.header["pixdim"][1:4]], path)
     check_affine(img.affine, path, allow_singular=explicit)
     return Volume(np.ascontiguousarray(data), spacing, img.affine.copy(), path, img.header, source_shape)
 
@@ -124,7 +127,8 @@ def _read_h5(path: Path, dataset: str, default_spacing: tuple[float, float, floa
                 raise InputError(f"{path}: '{dataset}' is a group, not an array")
             check_dtype(ds.dtype, path)
             _check_size(tuple(ds.shape), path, max_voxels)
-            data = np.asarray(ds[()], dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 are reported below
+                data = np.asarray(ds[()], dtype=np.float32)
     except InputError:
         raise
     except Exception as e:

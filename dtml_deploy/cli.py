@@ -396,7 +396,7 @@ def evaluate(
 ) -> None:
     """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
     with _user_errors():
-        from dtml_deploy.evaluate import format_table, score_folders, score_model, summarise_rows, write_reports
+        from dtml_deploy.evaluate import score_model
         from dtml_deploy.io.reports import check_report_path
 
         for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report")):
@@ -432,24 +432,40 @@ def evaluate(
                      "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
-            rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, _spacing(spacing))
-            _warn_guessed(rows, (1.0, 1.0, 1.0))  # read_volume's default: distances in mm are voxels
-            if unscored:
-                extra = {"unscored_labels": unscored}
-            if unscored and any(r["status"] == "ok" for r in rows):  # a smaller set would flatter the mean
-                typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
-                           f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
+            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, _spacing(spacing))
         else:
             raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
-        summary = summarise_rows(rows)
-        failed = [r for r in rows if r["status"] != "ok"]
-        for r in failed:
-            typer.echo(f"error: {r['error']}", err=True)
-        if len(failed) < len(rows):
-            typer.echo(format_table(rows, summary))
-        write_reports(rows, summary, json_out, csv_out, extra)
-    if failed:
-        raise typer.Exit(1 if len(failed) < len(rows) else 2)
+        n_failed = _print_and_write(rows, json_out, csv_out, extra)
+    if n_failed:
+        raise typer.Exit(1 if n_failed < len(rows) else 2)
+
+
+def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool,
+                       spacing: tuple[float, float, float] | None) -> tuple[list[dict], dict[str, object]]:
+    """Rows for PRED_DIR GT_DIR, with a warning when labelled cases have no prediction."""
+    from dtml_deploy.evaluate import score_folders
+
+    rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, spacing)
+    _warn_guessed(rows, (1.0, 1.0, 1.0))  # read_volume's default: distances in mm are voxels
+    if unscored and any(r["status"] == "ok" for r in rows):  # a smaller set would flatter the mean: say so
+        typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
+                   f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
+    return rows, ({"unscored_labels": unscored} if unscored else {})
+
+
+def _print_and_write(rows: list[dict], json_out: Path | None, csv_out: Path | None,
+                     extra: dict[str, object]) -> int:
+    """One `error:` line per failed case, the table of the scored ones, the reports; returns the failures."""
+    from dtml_deploy.evaluate import format_table, summarise_rows, write_reports
+
+    summary = summarise_rows(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in failed:
+        typer.echo(f"error: {r['error']}", err=True)
+    if len(failed) < len(rows):
+        typer.echo(format_table(rows, summary))
+    write_reports(rows, summary, json_out, csv_out, extra)
+    return len(failed)
 
 
 def _warn_guessed(rows: list[dict], model_spacing: tuple[float, float, float]) -> None:

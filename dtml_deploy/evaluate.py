@@ -10,10 +10,10 @@ read or a segmentation that fails gives a row with status 'failed' and one error
 cases are still scored.
 
 Empty masks. A case whose prediction and label are both empty has no defined Dice (0/0) or surface
-distance, so, as MONAI's `ignore_empty` and nnU-Net's evaluation do, it is left out of every mean
-(its metrics are NaN, written as null) and the summary counts it (`both_empty`). When only one mask is
-empty, Dice and Jaccard are 0 and count in their means; the distances are undefined and left out of
-theirs (the summary's `nan_count`).
+distance, so, as nnU-Net's evaluation does, it is left out of every mean (its metrics are NaN, written
+as null) and the summary counts it (`both_empty`). When only one mask is empty, Dice and Jaccard are 0
+and count in their means; the distances are undefined and left out of theirs (the summary's
+`nan_count`). metrics.py keeps medpy's per-function values; this policy is applied to the rows here.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing
 IntensityOpt = Annotated[IntensityName, typer.Option(
     help="auto: z-score unless the scan is already z-scored (as LA2018 files are); zscore; none")]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars")]
+SpacingOpt = Annotated[tuple[float, float, float] | None, typer.Option(
+    help="Voxel size X Y Z in mm for every input, replacing the files' own (h5 files have none)")]
+MaxWindowsOpt = Annotated[int | None, typer.Option(
+    help="Allow more sliding windows per case than the default bound (dtml_deploy/limits.py: WorkLimits)")]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -313,6 +317,8 @@ def segment(
     cudnn_fusion: Annotated[bool | None, typer.Option(
         help="Fused cuDNN conv+ReLU (torch backend; default on for CUDA)")] = None,
     progress: ProgressOpt = True,
+    spacing: SpacingOpt = None,
+    max_windows: MaxWindowsOpt = None,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks)."""
     with _user_errors():
@@ -328,8 +334,8 @@ def segment(
             head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
             save_uncertainty=save_uncertainty, output_format=output_format.value, overwrite=overwrite,
-            json_report=json_report,
-            compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, progress=progress)
+            json_report=json_report, compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion,
+            progress=progress, spacing=_spacing(spacing), max_windows=max_windows)
         reports = run_segment(req, bundle)
     failed = [r for r in reports if r.status != "ok"]
     if not reports:
@@ -338,16 +344,32 @@ def segment(
         raise typer.Exit(1 if len(failed) < len(reports) else 2)
 
 
+def _spacing(spacing: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+    """--spacing as given, or a one-line error for a size that is not finite and positive."""
+    if spacing is None:
+        return None
+    from dtml_deploy.io.geometry import check_spacing
+
+    return check_spacing(spacing, "--spacing", "option")
+
+
+def _unique(ids: list[str], cases: str) -> list[str]:
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise ValueError(f"--cases {cases}: case {dupes[0]!r} is listed twice; each case is scored once")
+    return ids
+
+
 def _case_list(source: object, cases: str) -> list[str]:
-    """A split name of splits.json, a file of ids, or comma-separated ids."""
+    """A split name of splits.json, a file of ids, or comma-separated ids (each id once)."""
     splits = getattr(source, "splits", {})
     if cases in splits:
-        return list(splits[cases])
+        return _unique(list(splits[cases]), cases)
     if Path(cases).is_file():
         from dtml_deploy.io.datasets import read_case_list
 
-        return read_case_list(Path(cases))
-    ids = [c.strip() for c in cases.split(",") if c.strip()]
+        return _unique(read_case_list(Path(cases)), cases)
+    ids = _unique([c.strip() for c in cases.split(",") if c.strip()], cases)
     known = set(getattr(source, "case_ids", ()))
     unknown = [c for c in ids if c not in known]
     if unknown:
@@ -378,12 +400,19 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
     progress: ProgressOpt = True,
+    spacing: SpacingOpt = None,
+    max_windows: MaxWindowsOpt = None,
+    ignore_geometry: Annotated[bool, typer.Option(
+        help="Score a prediction whose affine differs from its label's (the shapes must still match)")] = False,
 ) -> None:
     """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
     with _user_errors():
-        from dtml_deploy.evaluate import format_table, score_folders, score_model, write_reports
-        from dtml_deploy.metrics import summarise
+        from dtml_deploy.evaluate import score_model
+        from dtml_deploy.io.reports import check_report_path
 
+        for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report")):
+            if path is not None:
+                check_report_path(path, what)
         extra: dict[str, object] = {}
         if model is not None or data is not None:
             if data is None:
@@ -401,28 +430,63 @@ def evaluate(
                                  precision=precision.value if precision else None, overlap=overlap,
                                  stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
                                  head=head.value, qc=True, lcc=lcc, resample=resample,
-                                 intensity=intensity.value)
+                                 intensity=intensity.value, spacing=_spacing(spacing), max_windows=max_windows)
             segmenter = build_segmenter(req, bundle)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
             rows = score_model(segmenter, [source.labeled(i) for i in ids],
                                (lambda c: done.append(c) or typer.echo(f"  {len(done)}/{len(ids)} {c}", err=True))
-                               if progress else None)
+                               if progress else None, ignore_geometry=ignore_geometry)
+            _warn_guessed(rows, segmenter.bundle.model.spacing)
             extra = {"model": str(req.model), "bundle_hash": segmenter.bundle.content_hash,
                      "backend": segmenter.backend.describe(), "cases_from": cases,
                      "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
-            rows, unscored = score_folders(pred_dir, gt_dir)
-            if unscored:  # a smaller set than the labels would flatter the mean: say so
-                typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
-                           f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
-                extra = {"unscored_labels": unscored}
+            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, _spacing(spacing))
         else:
             raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
-        summary = summarise(rows)
+        n_failed = _print_and_write(rows, json_out, csv_out, extra)
+    if n_failed:
+        raise typer.Exit(1 if n_failed < len(rows) else 2)
+
+
+def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool,
+                       spacing: tuple[float, float, float] | None) -> tuple[list[dict], dict[str, object]]:
+    """Rows for PRED_DIR GT_DIR, with a warning when labelled cases have no prediction."""
+    from dtml_deploy.evaluate import score_folders
+
+    rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, spacing)
+    _warn_guessed(rows, (1.0, 1.0, 1.0))  # read_volume's default: distances in mm are voxels
+    if unscored and any(r["status"] == "ok" for r in rows):  # a smaller set would flatter the mean: say so
+        typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
+                   f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
+    return rows, ({"unscored_labels": unscored} if unscored else {})
+
+
+def _print_and_write(rows: list[dict], json_out: Path | None, csv_out: Path | None,
+                     extra: dict[str, object]) -> int:
+    """One `error:` line per failed case, the table of the scored ones, the reports; returns the failures."""
+    from dtml_deploy.evaluate import format_table, summarise_rows, write_reports
+
+    summary = summarise_rows(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    for r in failed:
+        typer.echo(f"error: {r['error']}", err=True)
+    if len(failed) < len(rows):
         typer.echo(format_table(rows, summary))
-        write_reports(rows, summary, json_out, csv_out, extra)
+    write_reports(rows, summary, json_out, csv_out, extra)
+    return len(failed)
+
+
+def _warn_guessed(rows: list[dict], model_spacing: tuple[float, float, float]) -> None:
+    """Once per run: the geometry that h5 cases lack and that was assumed."""
+    from dtml_deploy.io.geometry import guessed_geometry_note
+
+    for r in rows:
+        if r.get("geometry_guessed"):
+            typer.echo(guessed_geometry_note(r["case"], r["geometry_guessed"].split(","), model_spacing), err=True)
+            return
 
 
 def _batch_values(values: list[str] | None) -> tuple[int, ...]:

@@ -3,6 +3,17 @@
 Two ways in: masks already on disk (`score_folders`), or a bundle segmenting the cases of a data set
 and scoring them in the same run (`score_model`). Metrics are medpy-exact (see metrics.py): voxels, as
 the paper reports, and millimetres from each image's spacing.
+
+Every case is checked and scored on its own: a prediction and label that are not on the same grid
+(shape, and affine within `GridTolerance`; `ignore_geometry` skips the affine), a file that cannot be
+read or a segmentation that fails gives a row with status 'failed' and one error line, and the other
+cases are still scored.
+
+Empty masks. A case whose prediction and label are both empty has no defined Dice (0/0) or surface
+distance, so, as nnU-Net's evaluation does, it is left out of every mean (its metrics are NaN, written
+as null) and the summary counts it (`both_empty`). When only one mask is empty, Dice and Jaccard are 0
+and count in their means; the distances are undefined and left out of theirs (the summary's
+`nan_count`). metrics.py keeps medpy's per-function values; this policy is applied to the rows here.
 """
 
 from __future__ import annotations
@@ -10,20 +21,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dtml_deploy.errors import InputError
-from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.io.refs import read_ref
-from dtml_deploy.io.volume import has_volume_suffix, read_volume
-from dtml_deploy.metrics import case_metrics
-from dtml_deploy.segment import Segmenter, case_name
+from dtml_deploy.io.reports import write_report_text
+from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
+from dtml_deploy.metrics import case_metrics, summarise
+from dtml_deploy.segment import Segmenter, case_error, case_name
 
 COLUMNS = ("dice", "jaccard", "asd", "hd95", "asd_mm", "hd95_mm")
 HEADERS = {"dice": "Dice %", "jaccard": "Jaccard %", "asd": "ASD vox", "hd95": "95HD vox",
@@ -37,57 +50,143 @@ def _binary(array: np.ndarray, path: Path) -> np.ndarray:
     return array > 0.5
 
 
+@dataclass(frozen=True)
+class GridTolerance:
+    """How far a prediction's grid may be from its label's and still be scored voxel by voxel."""
+
+    translation_mm: float = 1e-3  # origin (affine column 4)
+    rtol: float = 1e-4  # voxel axes (affine 3x3 part), relative to its largest entry
+
+
+def grid_mismatch(pred: Volume, gt: Volume, tol: GridTolerance = GridTolerance(),
+                  check_affine: bool = True) -> str | None:
+    """Why `pred` and `gt` are not on the same grid, or None when they are (shape, then affine)."""
+    if pred.shape != gt.shape:
+        return f"shape {pred.shape} != label shape {gt.shape}"
+    if not check_affine:
+        return None
+    a, b = np.asarray(pred.affine, np.float64), np.asarray(gt.affine, np.float64)
+    shift = float(np.abs(a[:3, 3] - b[:3, 3]).max())
+    if shift > tol.translation_mm:
+        return (f"origin {shift:.4g} mm away from the label's (tolerance {tol.translation_mm:g} mm; "
+                f"--ignore-geometry to score it anyway)")
+    scale = max(float(np.abs(a[:3, :3]).max()), float(np.abs(b[:3, :3]).max()))
+    axes = float(np.abs(a[:3, :3] - b[:3, :3]).max())
+    if axes > tol.rtol * scale:
+        sa, sb = (tuple(round(float(v), 4) for v in np.linalg.norm(m[:3, :3], axis=0)) for m in (a, b))
+        return (f"voxel axes differ from the label's (spacing {sa} vs {sb} mm, or the orientation; relative "
+                f"difference {axes / scale:.3g}, tolerance {tol.rtol:g}; --ignore-geometry to score it anyway)")
+    return None
+
+
 def _score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], name: str) -> dict[str, Any]:
     if pred.shape != gt.shape:
         raise InputError(f"{name}: prediction shape {pred.shape} != label shape {gt.shape}")
-    return {"case": name, **case_metrics(pred, gt, tuple(spacing))}
+    row = {"case": name, "status": "ok", **case_metrics(pred, gt, tuple(spacing))}
+    if not pred.any() and not gt.any():  # the both-empty policy (module docstring): out of every mean
+        row.update({k: math.nan for k in COLUMNS if k in row}, both_empty=True)
+    return row
 
 
-def score_folders(pred_dir: Path, gt_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`.
+def _failed(name: str, error: str) -> dict[str, Any]:
+    return {"case": name, "status": "failed", "error": error}
 
-    Returns the rows and the labelled cases that have no prediction (not scored; callers say so)."""
+
+def _pred_files(pred_dir: Path, gt_dir: Path) -> tuple[list[Path], dict[str, Path]]:
     for d in (pred_dir, gt_dir):
         if not Path(d).is_dir():
             raise InputError(f"{d}: not a folder")
-    gts = {case_name(p): p for p in sorted(Path(gt_dir).iterdir()) if has_volume_suffix(p)}
+    gts: dict[str, Path] = {}
+    for p in sorted(Path(gt_dir).iterdir()):
+        if has_volume_suffix(p):
+            if case_name(p) in gts:
+                raise InputError(f"{gt_dir}: two labels for case '{case_name(p)}' ({gts[case_name(p)].name}, {p.name})")
+            gts[case_name(p)] = p
     preds = [p for p in sorted(Path(pred_dir).iterdir()) if has_volume_suffix(p)
              and not case_name(p).endswith(("_prob", "_sdm", "_uncertainty"))]
     if not preds:
         raise InputError(f"{pred_dir}: no masks found")
-    missing = [case_name(p) for p in preds if case_name(p) not in gts]
+    names = [case_name(p) for p in preds]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"{pred_dir}: two predictions for case '{dupes[0]}'")
+    missing = [n for n in names if n not in gts]
     if missing:
         raise InputError(f"{gt_dir}: no label for {', '.join(missing[:5])}")
+    return preds, gts
+
+
+def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
+                  spacing: tuple[float, float, float] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`.
+
+    Returns the rows (a case that cannot be scored is a 'failed' row) and the labelled cases that have
+    no prediction (not scored; callers say so)."""
+    preds, gts = _pred_files(pred_dir, gt_dir)
     unscored = sorted(set(gts) - {case_name(p) for p in preds})
     rows = []
     for p in preds:
         name = case_name(p)
-        pv, gv = read_volume(p, dataset="label"), read_volume(gts[name], dataset="label")
-        rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+        try:
+            pv = read_volume(p, dataset="label", spacing=spacing)
+            gv = read_volume(gts[name], dataset="label", spacing=spacing)
+            bad = grid_mismatch(pv, gv, check_affine=not ignore_geometry)
+            if bad:
+                raise InputError(f"{p}: not on the label's grid ({gts[name]}): {bad}")
+            rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+            if gv.guessed:
+                rows[-1]["geometry_guessed"] = ",".join(gv.guessed)
+        except Exception as e:  # one case never stops the others
+            rows.append(_failed(name, case_error(p, e)))
     return rows, unscored
 
 
 def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
-                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Segment each case's image with `segmenter` and score it against its label."""
-    rows = []
-    spacing = segmenter.bundle.model.spacing
-    for case in cases:
-        img = read_ref(case.image, spacing)  # challenge cases: preprocessed as for training (io/challenge.py)
-        lab = read_ref(case.label, spacing, role="label")
+                progress: Callable[[str], None] | None = None,
+                ignore_geometry: bool = False) -> list[dict[str, Any]]:
+    """Segment each case's image with `segmenter` and score it against its label; a case that fails
+    (unreadable image or label, grids that differ, limits, ...) is a 'failed' row."""
+    return [_score_case(segmenter, case, ignore_geometry, progress) for case in cases]
+
+
+def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
+                progress: Callable[[str], None] | None) -> dict[str, Any]:
+    spacing, opts = segmenter.bundle.model.spacing, segmenter.options
+    try:
+        # challenge cases are preprocessed as for training (io/challenge.py)
+        img = read_ref(case.image, spacing, spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+        lab = read_ref(case.label, spacing, role="label", spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+        bad = grid_mismatch(img, lab, check_affine=not ignore_geometry)
+        if bad:
+            raise InputError(f"{case.label.path}: not on the image's grid ({case.image.path}): {bad}")
         t = time.perf_counter()
-        seg = segmenter.segment_array(img.array, img.spacing if img.header is not None else None, case.case_id)
+        seg = segmenter.segment_array(img.array, None if "spacing" in img.guessed else img.spacing,
+                                      str(case.image.path))
         seconds = time.perf_counter() - t
         row = _score(seg.mask.astype(bool), _binary(lab.array, case.label.path), img.spacing, case.case_id)
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
-        rows.append(row)
-        if progress is not None:
-            progress(case.case_id)
-    return rows
+        if img.guessed:
+            row["geometry_guessed"] = ",".join(img.guessed)
+    except Exception as e:  # one case never stops the others
+        row = _failed(case.case_id, case_error(case.image.path, e))
+    if progress is not None:
+        progress(case.case_id)
+    return row
+
+
+def summarise_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`metrics.summarise` over the scored rows, plus how many cases were scored, failed and both-empty."""
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    out: dict[str, Any] = summarise([{k: v for k, v in r.items() if k != "both_empty"} for r in ok])
+    out["cases"] = {"scored": len(ok), "failed": len(rows) - len(ok),
+                    "both_empty": sum(bool(r.get("both_empty")) for r in ok)}
+    return out
 
 
 def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """A plain-text table in the paper's order, Dice and Jaccard in percent, then mean ± std."""
+    """A plain-text table in the paper's order, Dice and Jaccard in percent, then mean ± std (failed
+    cases are listed on stderr by the caller, not here)."""
+    rows = [r for r in rows if r.get("status", "ok") == "ok"]
     cols = [c for c in COLUMNS if rows and c in rows[0]]
     pct = {"dice", "jaccard"}
 
@@ -101,7 +200,10 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         lines.append(str(r["case"])[:24].ljust(24) + "  ".join(fmt(c, r[c]).rjust(w) for c, w in zip(cols, widths)))
     mean = "  ".join(means[c].rjust(w) for c, w in zip(cols, widths))
     lines.append(f"{'mean ± std (n=' + str(len(rows)) + ')':<24}" + mean)
-    nan = {c: summary[c]["nan_count"] for c in cols if summary[c]["nan_count"]}
+    both = summary.get("cases", {}).get("both_empty", 0)
+    if both:
+        lines.append(f"({both} case(s) with both masks empty: no defined score, left out of every mean)")
+    nan = {c: summary[c]["nan_count"] - both for c in cols if summary[c]["nan_count"] > both}
     if nan:
         lines.append(f"(cases with an empty mask, left out of the mean: {nan})")
     return "\n".join(lines)
@@ -132,11 +234,12 @@ def write_reports(rows: list[dict[str, Any]], summary: dict[str, Any], json_path
     summary = {k: summary[k] for k in order}
     if json_path is not None:
         doc = _json_safe({**(extra or {}), "summary": summary, "cases": rows})
-        atomic_write_text(json_path, json.dumps(doc, indent=2, default=float, allow_nan=False) + "\n")
+        write_report_text(json_path, json.dumps(doc, indent=2, default=float, allow_nan=False) + "\n",
+                          "the JSON report")
     if csv_path is not None:
         buf = io.StringIO()
-        keys = list(rows[0]) if rows else ["case"]
+        keys = list(dict.fromkeys(k for r in rows for k in r)) or ["case"]  # failed rows have fewer columns
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(csv_path, buf.getvalue())
+        write_report_text(csv_path, buf.getvalue(), "the CSV report")

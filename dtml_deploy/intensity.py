@@ -45,6 +45,8 @@ def prepare(image: np.ndarray, cfg: IntensityConfig, policy: Policy = "auto",
     """Network input for `image` and a word saying what was done ('zscore', 'as stored')."""
     if policy not in POLICIES:
         raise ValueError(f"intensity policy must be one of {POLICIES}, got {policy!r}")
+    if np.iscomplexobj(image):  # arrays handed in directly; files are checked when read
+        raise InputError(f"{name}: complex-valued image; pass its magnitude or real part")
     x = np.asarray(image, dtype=np.float32)
     finite = np.isfinite(x)
     if not finite.all():  # files are checked when read; arrays handed in directly are checked here

@@ -12,8 +12,11 @@ from dtml_deploy.backends.base import BackendOptions, create_backend, resolve_de
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import GridSpec
 from dtml_deploy.engine.sliding import EngineConfig
-from dtml_deploy.io.atomic import atomic_write_text
-from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name
+from dtml_deploy.errors import InputError
+from dtml_deploy.io.geometry import guessed_geometry_note
+from dtml_deploy.io.reports import check_report_path, write_report_text
+from dtml_deploy.limits import WorkLimits
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name, output_is_file
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class SegmentRequest:
     cuda_graphs: bool | None = None  # None: on for the torch backend on CUDA
     cudnn_fusion: bool | None = None  # None: on for the torch backend on CUDA
     progress: bool = True
+    spacing: tuple[float, float, float] | None = None  # overrides every input's voxel sizes
+    max_windows: int | None = None  # None: WorkLimits' default
     extra: dict = field(default_factory=dict)
 
 
@@ -83,9 +88,20 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
                              cuda_graphs=cuda if req.cuda_graphs is None else req.cuda_graphs,
                              cudnn_fusion=cuda if req.cudnn_fusion is None else req.cudnn_fusion)
     backend = create_backend(req.backend, bundle, options, engine.channels)
+    limits = WorkLimits() if req.max_windows is None else WorkLimits(max_windows=req.max_windows)
     return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample,
-                                                            intensity=req.intensity,  # type: ignore[arg-type]
-                                                            output_format=req.output_format))
+                                                     intensity=req.intensity,  # type: ignore[arg-type]
+                                                     limits=limits, spacing=req.spacing,
+                                                     output_format=req.output_format))
+
+
+def check_outputs(req: SegmentRequest) -> None:
+    """Refuse, before any work, an `-o` file with several inputs and a report path that cannot be a file."""
+    if output_is_file(req.output) and len(req.inputs) > 1:
+        raise InputError(f"{req.output}: -o names one image file, but {len(req.inputs)} inputs were given; "
+                         f"pass a folder")
+    if req.json_report is not None:
+        check_report_path(req.json_report, "the JSON report")
 
 
 def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseReport]:
@@ -94,6 +110,7 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True, soft_wrap=True)  # one line per message in logs, however narrow the terminal
+    check_outputs(req)
     segmenter = build_segmenter(req, bundle)
     bundle, backend = segmenter.bundle, segmenter.backend
     err.print(f"dtml: {len(req.inputs)} scan(s) with {backend.describe()}", highlight=False)
@@ -107,6 +124,7 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
     names = [case_name(p) for p in req.inputs]
     dupes = {n for n in names if names.count(n) > 1}
     reports: list[CaseReport] = []
+    guessed = False
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
                   TimeElapsedColumn(), console=err, disable=not req.progress, transient=True) as bar:
@@ -120,6 +138,9 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
                                              lambda d, n, t=task: bar.update(t, completed=d, total=n))
                 bar.remove_task(task)
             reports.append(rep)
+            if rep.geometry_guessed and not guessed:  # once per run: every h5 input gets the same guess
+                guessed = True
+                print(guessed_geometry_note(str(path), rep.geometry_guessed, bundle.model.spacing), file=sys.stderr)
             if rep.status == "ok" and rep.resampled:
                 err.print(f"  warning: {name}: spacing {tuple(round(x, 4) for x in rep.spacing or ())} differs from "
                           f"the model's {bundle.model.spacing}; resampled to it and back (--no-resample to skip)",
@@ -136,5 +157,5 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
                   "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
                              "batch": backend.options.batch, "lcc": req.lcc},
                   "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
-        atomic_write_text(req.json_report, json.dumps(report, indent=2) + "\n")
+        write_report_text(req.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
     return reports

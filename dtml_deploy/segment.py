@@ -15,13 +15,34 @@ import numpy as np
 
 from dtml_deploy.backends.base import Backend
 from dtml_deploy.bundle import Bundle
+from dtml_deploy.engine.grid import window_count
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
-from dtml_deploy.errors import InputError, OutOfMemory
+from dtml_deploy.errors import DtmlError, InputError
 from dtml_deploy.intensity import Policy, prepare
-from dtml_deploy.io.formats import map_suffix, resolve_format
+from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
+from dtml_deploy.limits import WorkLimits, case_bytes, check_memory, check_voxels, check_windows, seconds_per_window
 from dtml_deploy.resample import resize, spacing_differs, target_shape
+
+# Output names that make `-o` a file rather than a folder (one input only): the single-file formats written.
+OUTPUT_FILE_SUFFIXES: tuple[str, ...] = tuple(FILE_FORMATS)
+
+
+def output_is_file(path: Path) -> bool:
+    """True when `-o PATH` names one image file (by its suffix) instead of a folder."""
+    return str(path).lower().endswith(OUTPUT_FILE_SUFFIXES)
+
+
+def case_error(path: Path | str, e: BaseException) -> str:
+    """One line for a case that failed: the toolkit's own errors as they are, anything else with its type
+    name (an unexpected error stays recognisable as a bug while the batch goes on)."""
+    if isinstance(e, DtmlError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.strerror:  # an output that cannot be written (disk full, a folder in the way)
+        return f"{path}: cannot write its outputs: {e.strerror}" + (f": {e.filename}" if e.filename else "")
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{path}: {type(e).__name__}" + (f": {first}" if first else "")
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,8 @@ class SegmentOptions:
     resample: bool = True  # resample to the bundle's spacing and back when the scan's differs
     intensity: Policy = "auto"  # z-score unless the scan is already z-scored (see intensity.py)
     output_format: str = "auto"  # the input's family; see io/formats.py
+    limits: WorkLimits = field(default_factory=WorkLimits)
+    spacing: tuple[float, float, float] | None = None  # overrides every file's voxel sizes (--spacing)
 
 
 @dataclass
@@ -65,6 +88,7 @@ class CaseReport:
     foreground_voxels: int | None = None
     resampled: bool | None = None
     intensity: str | None = None
+    geometry_guessed: list[str] | None = None  # what the file lacked and was assumed (h5: spacing, orientation)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,9 +129,11 @@ class Segmenter:
         resampled = bool(self.options.resample and spacing is not None
                          and spacing_differs(spacing, model_spacing))
         engine_cfg, engine = self.options.engine, self.engine
+        work_shape = target_shape(x.shape, spacing, model_spacing) if resampled else x.shape  # type: ignore[arg-type]
+        self.check_work(tuple(x.shape), tuple(work_shape), name)
         if resampled:
             t = time.perf_counter()
-            x = resize(x, target_shape(x.shape, spacing, model_spacing))  # type: ignore[arg-type]
+            x = resize(x, work_shape)
             seconds["resample"] = time.perf_counter() - t
             # The mask is thresholded after resampling back, so the engine must hand over probabilities.
             engine = SlidingWindowEngine(self.backend, self.bundle.model.patch_size,
@@ -130,21 +156,44 @@ class Segmenter:
             seconds["lcc"] = time.perf_counter() - t
         return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity)
 
-    def segment_file(self, path: Path, out_dir: Path, overwrite: bool = False,
+    def check_work(self, shape: tuple[int, ...], work_shape: tuple[int, ...], name: str) -> None:
+        """Refuse, before allocating, a case whose voxels, windows or memory exceed `options.limits`."""
+        lim, cfg, patch = self.options.limits, self.options.engine, self.bundle.model.patch_size
+        resampled = work_shape != shape
+        check_voxels(work_shape, lim, name, "volume resampled to the model's spacing" if resampled else "volume")
+        dev, nf = self.backend.device.type, self.bundle.model.net.n_filters
+        n = window_count(work_shape, patch, cfg.grid)
+        check_windows(n, work_shape, lim, name, seconds_per_window(dev, patch, nf), dev)
+        kept = sum((cfg.keep_prob or resampled, cfg.keep_sdm, cfg.keep_uncertainty))
+        need = case_bytes(work_shape, kept + (len(cfg.channels) if dev == "cpu" else 0), lim)
+        if resampled:
+            need += case_bytes(shape, kept, lim)
+        batch = min(self.backend.options.batch, n)
+        act = 0
+        if dev == "cpu":  # a GPU that runs out says so itself (OutOfMemory); the host would swap or be killed
+            act = batch * int(np.prod(patch)) * nf * lim.activation_bytes
+            act //= 1 if self.backend.options.precision == "fp32" else 2
+        check_memory(need + act, name, f"the {'x'.join(map(str, work_shape))} volume with batches of {batch} "
+                     f"window(s)", "lower --batch, or check the voxel size")
+
+    def segment_file(self, path: Path, out: Path, overwrite: bool = False,
                      progress: Any = None) -> CaseReport:
-        """Segment one file into `out_dir/<case>.nii.gz` (+ optional maps) and report. Bad input, running
-        out of memory and unwritable outputs become a 'failed' report, so a batch goes on."""
+        """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
+        optional maps, and report. Any failure of the case (bad input, limits, out of memory, unwritable
+        outputs, an unexpected error) becomes a 'failed' report with one line, so a batch goes on."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
             t = time.perf_counter()
-            vol = read_volume(path, default_spacing=self.bundle.model.spacing)
+            vol = read_volume(path, default_spacing=self.bundle.model.spacing, spacing=self.options.spacing,
+                              max_voxels=self.options.limits.max_voxels)
             read_s = time.perf_counter() - t
-            outputs = self._output_paths(vol, Path(out_dir))
+            report.geometry_guessed = list(vol.guessed) or None
+            outputs = self._output_paths(vol, Path(out))
             for p in outputs.values():
                 if p.exists() and not overwrite:
                     raise InputError(f"{p}: exists (use --overwrite to replace it)")
-            seg = self.segment_array(vol.array, vol.spacing if vol.header is not None else None,
+            seg = self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing,
                                      str(path), progress)
             t = time.perf_counter()
             maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
@@ -169,21 +218,27 @@ class Segmenter:
             report.resampled = seg.resampled
             report.intensity = seg.intensity
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
-        except (InputError, OutOfMemory) as e:
-            report.error = str(e)
-        except OSError as e:  # an output that cannot be written (disk full, a folder in the way, ...)
-            report.error = f"{path}: cannot write its outputs: {e.strerror or e}" + (
-                f": {e.filename}" if e.filename else "")
+        except Exception as e:  # one case never stops the batch; the line names the error
+            report.status = "failed"
+            report.error = case_error(path, e)
         return report
 
-    def _output_paths(self, vol: Volume, out_dir: Path) -> dict[str, Path]:
-        name = case_name(vol.path)
+    def _output_paths(self, vol: Volume, out: Path) -> dict[str, Path]:
         cfg = self.options.engine
-        fmt = resolve_format(vol, self.options.output_format)
-        ext = map_suffix(fmt)
-        paths = {"mask": out_dir / f"{name}{ext}"}
-        if fmt == "dicom-seg":
-            paths["dicom_seg"] = out_dir / f"{name}_seg.dcm"
+        if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
+            fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
+            if self.options.output_format not in ("auto", fmt):
+                raise InputError(f"{out}: --format {self.options.output_format} disagrees with the file's suffix")
+            out_dir, name = out.parent, case_name(out)
+            ext = out.name[len(name):]
+            paths = {"mask": out}
+        else:
+            name = case_name(vol.path)
+            fmt = resolve_format(vol, self.options.output_format)
+            out_dir, ext = out, map_suffix(fmt)
+            paths = {"mask": out_dir / f"{name}{ext}"}
+            if fmt == "dicom-seg":
+                paths["dicom_seg"] = out_dir / f"{name}_seg.dcm"
         if cfg.keep_prob:
             paths["prob"] = out_dir / f"{name}_prob{ext}"
         if cfg.keep_sdm:

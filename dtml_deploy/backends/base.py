@@ -44,13 +44,28 @@ class BackendOptions:
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if present else cpu; a CUDA device that is absent is a clear error."""
+    """'auto' -> cuda if present else cpu. Anything but cpu and a present CUDA device is a
+    `BackendUnavailable` naming the valid choices (the CLI prints it as one line)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("--device cuda asked for, but torch sees no CUDA device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackendUnavailable(f"--device {device!r} is not a device; choose from {DEVICE_CHOICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendUnavailable(f"--device {device}: dtml runs on the CPU or CUDA only; choose from "
+                                 f"{DEVICE_CHOICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"--device {device} asked for, but torch sees no CUDA device; choose from "
+                                     f"auto, cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendUnavailable(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                                     f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

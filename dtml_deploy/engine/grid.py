@@ -44,8 +44,8 @@ def tile_starts_stride(length: int, patch: int, stride: int) -> list[int]:
     return [min(stride * i, length - patch) for i in range(n)]
 
 
-def window_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> list[tuple[int, int, int]]:
-    """All window corners for a (padded) volume of `shape`, in x-major order."""
+def axis_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> list[list[int]]:
+    """Window starts along each axis of a (padded) volume of `shape`."""
     if spec.stride is not None and any(s > p for s, p in zip(spec.stride, patch)):
         raise ValueError(f"stride {tuple(spec.stride)} exceeds the patch {tuple(patch)}: "
                          "voxels between windows would never be predicted")
@@ -55,7 +55,18 @@ def window_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) ->
             per_axis.append(tile_starts_stride(shape[a], patch[a], spec.stride[a]))
         else:
             per_axis.append(tile_starts_overlap(shape[a], patch[a], spec.overlap))
-    return [tuple(c) for c in itertools.product(*per_axis)]  # type: ignore[misc]
+    return per_axis
+
+
+def window_count(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> int:
+    """How many windows `window_starts` gives for an unpadded volume of `shape`, without listing them."""
+    padded = [max(int(s), int(p)) for s, p in zip(shape, patch)]
+    return math.prod(len(a) for a in axis_starts(padded, patch, spec))
+
+
+def window_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> list[tuple[int, int, int]]:
+    """All window corners for a (padded) volume of `shape`, in x-major order."""
+    return [tuple(c) for c in itertools.product(*axis_starts(shape, patch, spec))]  # type: ignore[misc]
 
 
 def pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, int]]:

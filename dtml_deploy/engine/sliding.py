@@ -128,7 +128,7 @@ class SlidingWindowEngine:
         groups = _slab_groups(per_axis[0], patch[0], self._max_slab_width(shape, n_acc))
 
         out = _HostOutputs(shape, cfg, pads, orig_shape)
-        batch = self.backend.options.batch
+        batch = min(self.backend.options.batch, len(starts))  # never pad a short volume up to --batch
         n_batches = 0
         done = 0
         t_final = 0.0

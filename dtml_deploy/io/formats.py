@@ -17,6 +17,8 @@ from dtml_deploy.io.volume import Volume, has_volume_suffix
 
 OUTPUT_FORMATS: tuple[str, ...] = ("auto", "nii.gz", "nrrd", "mha", "dicom-seg")
 _FAMILY_FORMAT = {"nifti": "nii.gz", "nrrd": "nrrd", "mha": "mha", "dicom": "dicom-seg"}
+# Single-file suffixes a mask can be written as, and the format each means (`-o FILE`).
+FILE_FORMATS: dict[str, str] = {".nii.gz": "nii.gz", ".nii": "nii.gz", ".nrrd": "nrrd", ".mha": "mha"}
 CHALLENGE_IMAGE = "lgemri.nrrd"  # the 2018 LA challenge's per-case image file
 
 

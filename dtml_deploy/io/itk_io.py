@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dtml_deploy.errors import InputError
+from dtml_deploy.io.geometry import check_dtype
 from dtml_deploy.io.volume import Volume, _check_array
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -108,7 +109,9 @@ def volume_from_image(image: Any, path: Path, family: str, files: tuple[str, ...
     if image.GetDimension() != 3:
         raise InputError(f"{path}: expected a 3D image, got a {image.GetDimension()}D image of size "
                          f"{tuple(image.GetSize())}")
-    data = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
+    view = sitk.GetArrayViewFromImage(image)
+    check_dtype(view.dtype, path)  # complex data is refused, not cast with numpy's warning
+    data = view.astype(np.float32).transpose(2, 1, 0)
     data = _check_array(np.ascontiguousarray(data), path)
     geo = ItkGeometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
                       family, files, series_uid)

@@ -17,6 +17,7 @@ import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.atomic import atomic_paths
+from dtml_deploy.io.geometry import H5_GUESSES, check_affine, check_dtype, check_spacing, quiet_nibabel, raw_pixdim
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
@@ -39,6 +40,7 @@ class Volume:
     path: Path
     header: Any = None  # nibabel header of a NIfTI source, itk_io.ItkGeometry of an ITK/DICOM one, None for h5
     source_shape: tuple[int, ...] = field(default=())  # shape on disk (e.g. X, Y, Z, 1)
+    guessed: tuple[str, ...] = ()  # geometry the file does not hold and that was assumed (h5: H5_GUESSES)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -46,6 +48,8 @@ class Volume:
 
 
 def _check_array(data: np.ndarray, path: Path, what: str = "image") -> np.ndarray:
+    if data.size == 0:
+        raise InputError(f"{path}: {what} has no voxels (shape {tuple(data.shape)})")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -56,65 +60,107 @@ def _check_array(data: np.ndarray, path: Path, what: str = "image") -> np.ndarra
 
 
 def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                dataset: str = "image", check_finite: bool = True) -> Volume:
-    """Read a 3D volume as float32; `dataset` selects the h5 dataset (`image` or `label`)."""
+                dataset: str = "image", check_finite: bool = True, spacing: tuple[float, float, float] | None = None,
+                max_voxels: int | None = None) -> Volume:
+    """Read a 3D volume as float32; `dataset` selects the h5 dataset (`image` or `label`).
+
+    `spacing` overrides the file's voxel sizes (and lets a singular affine through); `max_voxels` refuses
+    a larger volume before its data is read. Voxel sizes and affine are checked (io/geometry.py)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
     name = path.name.lower()
+    if spacing is not None:
+        spacing = check_spacing(spacing, "--spacing", "option")  # callers validate it; a library call may not
     from dtml_deploy.io.dicom_series import is_dicom_file
 
     if not name.endswith(SUFFIXES) and (path.is_dir() or is_dicom_file(path)):
         from dtml_deploy.io.dicom_series import read_series
 
-        vol = read_series(path)
+        vol = _checked_itk(read_series(path), spacing, max_voxels)
     elif not path.is_file():
         raise InputError(f"{path}: not a file")
     elif name.endswith(NIFTI_SUFFIXES):
-        vol = _read_nifti(path)
+        vol = _read_nifti(path, spacing, max_voxels)
     elif name.endswith(H5_SUFFIXES):
-        vol = _read_h5(path, dataset, default_spacing)
+        vol = _read_h5(path, dataset, default_spacing, spacing, max_voxels)
     elif name.endswith(ITK_SUFFIXES):
         from dtml_deploy.io.itk_io import read_itk
 
-        vol = read_itk(path)
+        vol = _checked_itk(read_itk(path), spacing, max_voxels)
     else:
         raise InputError(f"{path}: unknown extension (expected one of {', '.join(SUFFIXES)})")
     if check_finite and not np.isfinite(vol.array).all():
         n = int((~np.isfinite(vol.array)).sum())
-        raise InputError(f"{path}: {n} voxels are NaN or infinite")
+        raise InputError(f"{path}: {n} voxels are NaN or infinite (as stored, or after scaling to float32)")
     return vol
 
 
-def _read_nifti(path: Path) -> Volume:
+def _check_size(shape: tuple[int, ...], path: Path, max_voxels: int | None) -> None:
+    n = int(np.prod(shape, dtype=np.float64))
+    if max_voxels is not None and n > max_voxels:
+        raise InputError(f"{path}: {'x'.join(map(str, shape))} = {n:,} voxels, over the limit of {max_voxels:,}")
+
+
+def _checked_itk(vol: Volume, spacing: tuple[float, float, float] | None, max_voxels: int | None) -> Volume:
+    """The same geometry and size checks as NIfTI for a volume read through SimpleITK (NRRD, MHA, DICOM);
+    SimpleITK reads the voxels with the header, so the size is checked after reading."""
+    _check_size(vol.shape, vol.path, max_voxels)
+    if spacing is None:
+        check_spacing(vol.spacing, vol.path)
+        check_affine(vol.affine, vol.path)
+    else:
+        vol.spacing = spacing
+    return vol
+
+
+def _read_nifti(path: Path, spacing: tuple[float, float, float] | None, max_voxels: int | None) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        with quiet_nibabel(), np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            img = nib.load(str(path))
+            check_dtype(img.get_data_dtype(), path)
+            _check_size(tuple(img.shape), path, max_voxels)
+            data = np.asarray(img.get_fdata(dtype=np.float32))
+            source_shape = tuple(data.shape)
+            data = _check_array(data, path)
+            explicit = spacing is not None
+            if spacing is None:
+                spacing = check_spacing(raw_pixdim(path, img.header), path)
+    except InputError:
+        raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise InputError(f"{path}: cannot read NIfTI ({type(e).__name__}: {str(e)[:120]})") from None
-    source_shape = tuple(data.shape)
-    data = _check_array(data, path)
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    check_affine(img.affine, path, allow_singular=explicit)
     return Volume(np.ascontiguousarray(data), spacing, img.affine.copy(), path, img.header, source_shape)
 
 
-def _read_h5(path: Path, dataset: str, spacing: tuple[float, float, float]) -> Volume:
+def _read_h5(path: Path, dataset: str, default_spacing: tuple[float, float, float],
+             spacing: tuple[float, float, float] | None, max_voxels: int | None) -> Volume:
     import h5py
 
+    guessed = H5_GUESSES if spacing is None else tuple(g for g in H5_GUESSES if g != "spacing")
+    spacing = spacing or default_spacing
     try:
         with h5py.File(path, "r") as f:
             if dataset not in f:
                 raise InputError(f"{path}: no '{dataset}' dataset (has: {', '.join(f.keys())})")
-            data = np.asarray(f[dataset][()], dtype=np.float32)
+            ds = f[dataset]
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"{path}: '{dataset}' is a group, not an array")
+            check_dtype(ds.dtype, path)
+            _check_size(tuple(ds.shape), path, max_voxels)
+            with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 are reported below
+                data = np.asarray(ds[()], dtype=np.float32)
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{path}: cannot read h5 ({type(e).__name__}: {str(e)[:120]})") from None
     source_shape = tuple(data.shape)
     data = _check_array(data, path)
-    return Volume(np.ascontiguousarray(data), tuple(spacing), np.diag([*spacing, 1.0]), path, None, source_shape)
+    return Volume(np.ascontiguousarray(data), tuple(spacing), np.diag([*spacing, 1.0]), path, None, source_shape,
+                  guessed)
 
 
 def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint8) -> Path:

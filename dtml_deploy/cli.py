@@ -294,6 +294,8 @@ def segment(
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = False,
     save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = False,
     save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")] = False,
+    preview: Annotated[bool, typer.Option(help="Also write <case>_preview.png: three slices with the mask outline "
+                                                "and the heads' disagreement (needs dtml[viz])")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = False,
@@ -307,6 +309,10 @@ def segment(
     with _user_errors():
         from dtml_deploy.runner import SegmentRequest, run_segment
 
+        if preview:
+            from dtml_deploy.viz.figure import require_matplotlib
+
+            require_matplotlib("--preview")
         model_path = _bundle_path(model)
         prec = precision.value if precision else None
         bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec, device)
@@ -316,7 +322,7 @@ def segment(
             overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
             head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
-            save_uncertainty=save_uncertainty, overwrite=overwrite, json_report=json_report,
+            save_uncertainty=save_uncertainty, preview=preview, overwrite=overwrite, json_report=json_report,
             compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, progress=progress)
         reports = run_segment(req, bundle)
     failed = [r for r in reports if r.status != "ok"]
@@ -365,6 +371,9 @@ def evaluate(
     intensity: IntensityOpt = IntensityName.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write a self-contained HTML report: summary, sortable cases with previews, charts (needs dtml[viz])")]
+        = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
@@ -372,6 +381,13 @@ def evaluate(
         from dtml_deploy.evaluate import format_table, score_folders, score_model, write_reports
         from dtml_deploy.metrics import summarise
 
+        thumbs = None
+        if report is not None:
+            from dtml_deploy.viz.figure import require_matplotlib
+            from dtml_deploy.viz.report import Thumbnails, write_html_report
+
+            require_matplotlib("--report")
+            thumbs = Thumbnails()
         extra: dict[str, object] = {}
         if model is not None or data is not None:
             if data is None:
@@ -389,19 +405,19 @@ def evaluate(
                                  precision=precision.value if precision else None, overlap=overlap,
                                  stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
                                  head=head.value, qc=True, lcc=lcc, resample=resample,
-                                 intensity=intensity.value)
+                                 intensity=intensity.value, save_uncertainty=report is not None)
             segmenter = build_segmenter(req, bundle)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
             rows = score_model(segmenter, [source.labeled(i) for i in ids],
                                (lambda c: done.append(c) or typer.echo(f"  {len(done)}/{len(ids)} {c}", err=True))
-                               if progress else None)
+                               if progress else None, visit=thumbs)
             extra = {"model": str(req.model), "bundle_hash": segmenter.bundle.content_hash,
                      "backend": segmenter.backend.describe(), "cases_from": cases,
                      "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
-            rows, unscored = score_folders(pred_dir, gt_dir)
+            rows, unscored = score_folders(pred_dir, gt_dir, visit=thumbs)
             if unscored:  # a smaller set than the labels would flatter the mean: say so
                 typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
                            f"{', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}", err=True)
@@ -411,6 +427,8 @@ def evaluate(
         summary = summarise(rows)
         typer.echo(format_table(rows, summary))
         write_reports(rows, summary, json_out, csv_out, extra)
+        if report is not None:
+            write_html_report(report, rows, summary, {"predictions": f"masks in {pred_dir}", **extra}, thumbs.png)
 
 
 def _batch_values(values: list[str] | None) -> tuple[int, ...]:

@@ -42,10 +42,12 @@ def _score(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], name: str
     return {"case": name, **case_metrics(pred, gt, tuple(spacing))}
 
 
-def score_folders(pred_dir: Path, gt_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def score_folders(pred_dir: Path, gt_dir: Path,
+                  visit: Callable[..., None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`.
 
-    Returns the rows and the labelled cases that have no prediction (not scored; callers say so)."""
+    Returns the rows and the labelled cases that have no prediction (not scored; callers say so).
+    `visit(case, mask=, label=, spacing=, affine=)` sees each case's arrays (report thumbnails)."""
     for d in (pred_dir, gt_dir):
         if not Path(d).is_dir():
             raise InputError(f"{d}: not a folder")
@@ -63,12 +65,16 @@ def score_folders(pred_dir: Path, gt_dir: Path) -> tuple[list[dict[str, Any]], l
         name = case_name(p)
         pv, gv = read_volume(p, dataset="label"), read_volume(gts[name], dataset="label")
         rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+        if visit is not None:
+            visit(name, mask=pv.array, label=gv.array, spacing=gv.spacing, affine=gv.affine)
     return rows, unscored
 
 
 def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
-                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Segment each case's image with `segmenter` and score it against its label."""
+                progress: Callable[[str], None] | None = None,
+                visit: Callable[..., None] | None = None) -> list[dict[str, Any]]:
+    """Segment each case's image with `segmenter` and score it against its label. `visit(case, mask=,
+    label=, spacing=, affine=, image=, uncertainty=)` sees each case's arrays (report thumbnails)."""
     rows = []
     spacing = segmenter.bundle.model.spacing
     for case in cases:
@@ -80,6 +86,9 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
         row = _score(seg.mask.astype(bool), _binary(lab.array, case.label.path), img.spacing, case.case_id)
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         rows.append(row)
+        if visit is not None:
+            visit(case.case_id, mask=seg.mask, label=lab.array, spacing=img.spacing, affine=img.affine,
+                  image=img.array, uncertainty=seg.uncertainty)
         if progress is not None:
             progress(case.case_id)
     return rows

@@ -37,6 +37,7 @@ class SegmentRequest:
     save_prob: bool = False
     save_sdm: bool = False
     save_uncertainty: bool = False
+    preview: bool = False  # <case>_preview.png beside the mask (needs matplotlib)
     overwrite: bool = False
     json_report: Path | None = None
     compile: bool = False
@@ -83,7 +84,8 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
                              cudnn_fusion=cuda if req.cudnn_fusion is None else req.cudnn_fusion)
     backend = create_backend(req.backend, bundle, options, engine.channels)
     return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample,
-                                                            intensity=req.intensity))  # type: ignore[arg-type]
+                                                            intensity=req.intensity,  # type: ignore[arg-type]
+                                                            preview=req.preview))
 
 
 def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseReport]:

@@ -19,6 +19,7 @@ from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import InputError, OutOfMemory
 from dtml_deploy.intensity import Policy, prepare
+from dtml_deploy.io.companions import companion_files
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
@@ -31,6 +32,7 @@ class SegmentOptions:
     lcc: bool = True  # keep the largest connected component (the paper's code does)
     resample: bool = True  # resample to the bundle's spacing and back when the scan's differs
     intensity: Policy = "auto"  # z-score unless the scan is already z-scored (see intensity.py)
+    preview: bool = False  # also draw <case>_preview.png (needs matplotlib: the viz extra)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class CaseReport:
     input: str
     status: str  # ok | failed | skipped
     output: str | None = None
+    preview: str | None = None
     error: str | None = None
     shape: list[int] | None = None
     spacing: list[float] | None = None
@@ -88,7 +91,10 @@ class Segmenter:
         self.bundle = bundle
         self.backend = backend
         self.options = options
-        self.engine = SlidingWindowEngine(backend, bundle.model.patch_size, options.engine)
+        engine_cfg = options.engine
+        if options.preview and engine_cfg.qc:  # a preview draws the heads' disagreement, saved or not
+            engine_cfg = replace(engine_cfg, keep_uncertainty=True)
+        self.engine = SlidingWindowEngine(backend, bundle.model.patch_size, engine_cfg)
 
     def segment_array(self, image: np.ndarray, spacing: tuple[float, float, float] | None = None,
                       name: str = "image", progress: Any = None) -> Segmentation:
@@ -107,7 +113,7 @@ class Segmenter:
             seconds["resample"] = time.perf_counter() - t
             # The mask is thresholded after resampling back, so the engine must hand over probabilities.
             engine = SlidingWindowEngine(self.backend, self.bundle.model.patch_size,
-                                         replace(engine_cfg, keep_prob=True))
+                                         replace(engine.config, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
@@ -146,11 +152,14 @@ class Segmenter:
             maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
                     "uncertainty": (seg.uncertainty, np.float32)}
             # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
-            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None])
+            volumes = [(p, *maps[k]) for k, p in outputs.items() if k in maps and maps[k][0] is not None]
+            with companion_files(self._previews(vol, seg, report, outputs), [p for p, _, _ in volumes]):
+                write_all_like(vol, volumes)
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t
             report.status = "ok"
             report.output = str(outputs["mask"])
+            report.preview = str(outputs["preview"]) if "preview" in outputs else None
             report.shape = list(vol.shape)
             report.spacing = [float(s) for s in vol.spacing]
             report.windows = seg.windows
@@ -176,8 +185,20 @@ class Segmenter:
             paths["sdm"] = out_dir / f"{name}_sdm.nii.gz"
         if cfg.keep_uncertainty:
             paths["uncertainty"] = out_dir / f"{name}_uncertainty.nii.gz"
+        if self.options.preview:
+            paths["preview"] = out_dir / f"{name}_preview.png"
         src = vol.path.resolve()
         for p in paths.values():
             if p.resolve() == src:
                 raise InputError(f"{p}: output would overwrite the input; choose another -o")
         return paths
+
+    def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,
+                  outputs: dict[str, Path]) -> dict[Path, bytes]:
+        """The preview PNG (when asked for), drawn before anything is written so it joins the case's unit."""
+        if "preview" not in outputs:
+            return {}
+        from dtml_deploy.viz.preview import case_preview_png
+
+        return {outputs["preview"]: case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head,
+                                                     report)}

@@ -165,6 +165,10 @@ def train(
     val_every: Annotated[int | None, typer.Option(help="Validation interval in iterations")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    tensorboard: Annotated[bool, typer.Option(
+        help="Also log every scalar to OUT/tensorboard (optional: only when the tensorboard package is "
+             "installed, else skipped silently). OUT/training_curves.png is drawn at the end with dtml[viz]")]
+        = True,
 ) -> None:
     """Train a DTML pair and write a bundle to OUT/bundle."""
     with _user_errors():
@@ -173,6 +177,7 @@ def train(
         from dtml_deploy.io.datasets import make_split, open_source
         from training.losses import ConsistencyConfig
         from training.recipes import recipe as make_recipe
+        from training.run_visuals import run_visuals
         from training.trainer import Trainer
 
         cfg = make_recipe(
@@ -191,7 +196,8 @@ def train(
                 rampup_length=rampup_length if rampup_length is not None else cc.rampup_length))
         source = open_source(data, labels_dir=labels, list_file=case_list)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
-        result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
+        with run_visuals(out, tensorboard, lambda m: typer.echo(m, err=True)):
+            result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
         s = result.summary
         if result.interrupted:
             typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
@@ -464,12 +470,18 @@ def benchmark(
              "trt-fp16")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Folder for exported artifacts (default: a temporary folder, removed)")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also draw the table as a chart (ms per window, Mvox/s) into this PNG (needs dtml[viz])")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with _user_errors():
         from export.benchmark import BenchmarkRequest, below_min_dice, format_report, run_benchmark, write_json
 
+        if plot is not None:
+            from dtml_deploy.viz.figure import require_matplotlib
+
+            require_matplotlib("--plot")
         req = BenchmarkRequest(
             bundle=_bundle_path(model), data=tuple(data or ()), device=device, batches=_batch_values(batch),
             repeats=repeats, warmup=warmup, min_dice=min_dice,
@@ -478,10 +490,29 @@ def benchmark(
         typer.echo(format_report(report))
         if json_out is not None:
             write_json(report, json_out)
+        if plot is not None:
+            from dtml_deploy.viz.bench_plot import write_benchmark_plot
+
+            write_benchmark_plot(report.to_dict(), plot)
     if min_dice is not None:
         low = below_min_dice(report, min_dice)
         if low:
             raise _fail(f"agreement with torch fp32 below --min-dice {min_dice}: {', '.join(low)}", 1)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A `dtml train` run folder (holds train_log.jsonl)")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="PNG to write (default: RUN_DIR/training_curves.png)")] = None,
+) -> None:
+    """Redraw a run's training curves from its log, also while it is still training (needs dtml[viz])."""
+    with _user_errors():
+        from dtml_deploy.viz.figure import require_matplotlib
+        from training.run_visuals import draw_curves
+
+        require_matplotlib("dtml plot")
+        typer.echo(str(draw_curves(run_dir, output)))
 
 
 def main() -> None:  # pragma: no cover - console entry point

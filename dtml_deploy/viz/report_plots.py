@@ -56,7 +56,7 @@ def distributions_figure(rows: list[dict[str, Any]]) -> Any:
         ax = fig.add_subplot(1, len(metrics), i + 1)
         if vals.size:
             ax.boxplot(vals, widths=0.5, showfliers=False)
-            ax.scatter(1 + rng.uniform(-0.12, 0.12, vals.size), vals, s=12, color=POINT, alpha=0.8, zorder=3)
+            ax.scatter(1 + rng.uniform(-0.12, 0.12, vals.size), vals, s=12, color=POINT, zorder=3)
         missing = len(rows) - vals.size
         ax.set_title(label + (f" ({missing} n/a)" if missing else ""), fontsize=10)
         ax.set_xticks([])

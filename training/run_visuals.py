@@ -23,6 +23,9 @@ def is_main_process() -> bool:
 def draw_curves(run_dir: Path, out: Path | None = None) -> Path:
     """Redraw RUN_DIR/train_log.jsonl into `out` (default RUN_DIR/training_curves.png)."""
     from dtml_deploy.errors import InputError
+    from dtml_deploy.viz.figure import require_matplotlib
+
+    require_matplotlib("training_curves.png")
     from dtml_deploy.viz.curves import CURVES_PNG, write_curves
 
     log = RunPaths(Path(run_dir)).log
@@ -53,4 +56,4 @@ def run_visuals(out: Path, tensorboard: bool, note: Callable[[str], None]) -> It
     try:
         note(f"training curves: {draw_curves(paths.out)}")
     except DtmlError as e:  # matplotlib missing: the run itself is fine
-        note(f"note: no {paths.out / 'training_curves.png'}: {e}")
+        note(f"note: {e}")

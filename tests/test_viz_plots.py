@@ -200,6 +200,6 @@ def test_benchmark_plot_draws_the_report_rows(small_scan: Path, tmp_path: Path) 
     assert bars["ms_best"] == [row["ms_per_window_best"] for row in timed]
     assert bars["ms_b1"] == [row["ms_per_window_b1"] for row in timed]
     assert bars["mvox"] == [row["mvox_per_s"] for row in timed]
-    assert "TensorRT fp16: skipped" in fig.texts[0].get_text()
+    assert "TensorRT fp16 (skipped)" in fig.texts[0].get_text()
     rgb = png_to_rgb((tmp_path / "b.png").read_bytes())
     assert rgb.std() > 10

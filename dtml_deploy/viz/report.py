@@ -90,8 +90,8 @@ def summary_table(summary: dict[str, Any], n: int, method: str) -> str:
         mean, std = _num(s.get("mean")), _num(s.get("std"))
         text = "n/a" if mean is None else f"{mean * f:.2f} ± {(std or 0.0) * f:.2f}"
         cells.append(f'<td data-mean="{mean!r}" data-std="{std!r}">{text}</td>')
-    nan = {h: summary[k]["nan_count"] for k, h, _ in cols if summary[k].get("nan_count")}
-    note = (f'<p class="note">Cases with an empty mask, left out of the surface means: {html.escape(str(nan))}</p>'
+    nan = ", ".join(f"{h} {summary[k]['nan_count']}" for k, h, _ in cols if summary[k].get("nan_count"))
+    note = (f'<p class="note">Cases with an empty mask, left out of the surface means: {html.escape(nan)}</p>'
             if nan else "")
     return (f'<table id="summary"><thead><tr><th>method</th><th>cases</th>{head}</tr></thead>'
             f"<tbody><tr><td>{html.escape(method)}</td><td>{n}</td>{''.join(cells)}</tr></tbody></table>{note}")
@@ -141,7 +141,9 @@ document.querySelectorAll('table.sortable th').forEach(th=>{if(th.textContent===
 def _method(extra: dict[str, Any]) -> str:
     if "model" in extra:
         engine = extra.get("engine") or {}
-        return f"{Path(str(extra['model'])).name} (head {engine.get('head', '?')}, {extra.get('bundle_hash', '')})"
+        parts = [f"head {engine['head']}" if engine.get("head") else "", str(extra.get("bundle_hash") or "")]
+        details = ", ".join(p for p in parts if p)
+        return f"{Path(str(extra['model'])).name}" + (f" ({details})" if details else "")
     return str(extra.get("predictions", "masks"))
 
 

@@ -24,7 +24,7 @@ def finite(values: list[Any]) -> np.ndarray:
 
 def scatter_figure(rows: list[dict[str, Any]], key: str, threshold: float | None, name: str) -> Any:
     """Dice (%) against the QC score `key`, flagged cases (score below `threshold`) in red."""
-    fig = new_figure(5.0, 3.6, 100)
+    fig = new_figure(6.2, 3.6, 100)
     ax = fig.add_subplot(1, 1, 1)
     pairs = [(float(r[key]), 100.0 * float(r["dice"])) for r in rows if r.get(key) is not None]
     x = np.asarray([p[0] for p in pairs])
@@ -40,7 +40,7 @@ def scatter_figure(rows: list[dict[str, Any]], key: str, threshold: float | None
     ax.set_ylabel("Dice %")
     ax.set_title(f"Dice against {name} ({len(x)} cases, Pearson r {r:.2f})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a point
     fig.tight_layout()
     return fig
 

@@ -156,7 +156,7 @@ class Segmenter:
             with companion_files(self._previews(vol, seg, report, outputs), [p for p, _, _ in volumes]):
                 write_all_like(vol, volumes)
             seg.seconds["read"] = read_s
-            seg.seconds["write"] = time.perf_counter() - t
+            seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
             report.status = "ok"
             report.output = str(outputs["mask"])
             report.preview = str(outputs["preview"]) if "preview" in outputs else None
@@ -200,5 +200,7 @@ class Segmenter:
             return {}
         from dtml_deploy.viz.preview import case_preview_png
 
-        return {outputs["preview"]: case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head,
-                                                     report)}
+        t = time.perf_counter()
+        png = case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head, report)
+        seg.seconds["preview"] = time.perf_counter() - t
+        return {outputs["preview"]: png}

@@ -155,6 +155,9 @@ def test_every_image_is_inline_and_decodes(folder_report: tuple[Path, dict]) -> 
     thumbs = [png_to_rgb(base64.b64decode(i["src"].split(",", 1)[1])) for i in page.images if "thumb" in i["class"]]
     cyan = [int(((t[..., 0] < 40) & (t[..., 1] > 215) & (t[..., 2] > 215)).sum()) for t in thumbs]
     assert cyan[0] > 0 and cyan[1] > 0 and cyan[2] == 0  # the empty prediction draws no outline
+    for t in thumbs:  # scoring folders has no second head: no heat at all
+        t = t.astype(int)
+        assert not ((t[..., 0] >= t[..., 1]) & (t[..., 1] >= t[..., 2]) & (t[..., 0] > t[..., 2] + 20)).any()
 
 
 def test_model_report_scatter_flags_and_thumbnails(tiny_bundle_dir: Path, sample_root: Path,
@@ -172,6 +175,11 @@ def test_model_report_scatter_flags_and_thumbnails(tiny_bundle_dir: Path, sample
         assert by_head["flagged"]["text"] == ("yes" if row["agreement"] < 0.8 else "")
     alts = [i["alt"] for i in page.images]
     assert "Dice against agreement" in alts and "distribution of each metric" in alts
+    for img in (i for i in page.images if "thumb" in i["class"]):
+        t = png_to_rgb(base64.b64decode(img["src"].split(",", 1)[1])).astype(int)
+        magenta = (t[..., 0] > 215) & (t[..., 1] < 40) & (t[..., 2] > 215)
+        heat = (t[..., 0] >= t[..., 1]) & (t[..., 1] >= t[..., 2]) & (t[..., 0] > t[..., 2] + 20)  # not grey
+        assert magenta.sum() > 20 and heat.sum() > 0.2 * t[..., 0].size  # label outline; heads disagree widely
 
 
 def test_scatter_and_distributions_plot_the_rows() -> None:

@@ -179,7 +179,8 @@ def render(views: list[View], title: str, style: PreviewStyle = PreviewStyle(),
                   aspect=v.pixel_mm[0] / v.pixel_mm[1])
         ax.set_axis_off()
         ax.set_title(f"{v.name} {v.index}", color="white", fontsize=9, pad=3)
-        kw = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+        # green: a colour neither the grey, the heat nor the outlines use, so every layer stays telling
+        kw = {"color": "#33ff33", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
         ax.text(0.01, 0.5, v.edges["left"], ha="left", va="center", **kw)
         ax.text(0.99, 0.5, v.edges["right"], ha="right", va="center", **kw)
         ax.text(0.5, 0.99, v.edges["top"], ha="center", va="top", **kw)

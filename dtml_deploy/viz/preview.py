@@ -37,11 +37,12 @@ class PreviewStyle:
     heat_alpha: float = 0.6  # opacity of the disagreement overlay at full strength
     heat_full: float = 0.5  # |p_seg - p_dis| at which the overlay is at full strength
     view_px: int = 360  # smallest height of a view in pixels (more when the slices have more voxels)
+    px_per_voxel: float = 1.0  # at least this many pixels per voxel (1: no voxel, no outline pixel dropped)
     max_px_per_mm: float = 8.0  # cap for tiny volumes
     dpi: int = 100
 
 
-THUMBNAIL = PreviewStyle(view_px=140, dpi=80)
+THUMBNAIL = PreviewStyle(view_px=110, px_per_voxel=0.0, dpi=80)  # small: outlines drawn thicker instead
 
 
 @dataclass
@@ -155,10 +156,10 @@ def mask_volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def _scale(views: list[View], style: PreviewStyle) -> float:
-    """Pixels per millimetre: at least `view_px` tall, and at least one pixel per voxel."""
+    """Pixels per millimetre: at least `view_px` tall, and at least `px_per_voxel` pixels per voxel."""
     height = max(v.extent_mm[0] for v in views)
     finest = min(min(v.pixel_mm) for v in views)
-    return min(max(style.view_px / height, 1.0 / finest), style.max_px_per_mm)
+    return min(max(style.view_px / height, style.px_per_voxel / finest), style.max_px_per_mm)
 
 
 def render(views: list[View], title: str, style: PreviewStyle = PreviewStyle(),
@@ -179,8 +180,9 @@ def render(views: list[View], title: str, style: PreviewStyle = PreviewStyle(),
                   aspect=v.pixel_mm[0] / v.pixel_mm[1])
         ax.set_axis_off()
         ax.set_title(f"{v.name} {v.index}", color="white", fontsize=9, pad=3)
-        # green: a colour neither the grey, the heat nor the outlines use, so every layer stays telling
-        kw = {"color": "#33ff33", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
+        # white on a dark box: readable on any grey, and no colour the heat or the outlines use
+        kw = {"color": "white", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes,
+              "bbox": {"facecolor": "black", "alpha": 0.6, "edgecolor": "none", "pad": 1.0}}
         ax.text(0.01, 0.5, v.edges["left"], ha="left", va="center", **kw)
         ax.text(0.99, 0.5, v.edges["right"], ha="right", va="center", **kw)
         ax.text(0.5, 0.99, v.edges["top"], ha="center", va="top", **kw)

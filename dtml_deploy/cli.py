@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -177,6 +177,10 @@ def train(
     val_every: Annotated[int | None, typer.Option(help="Validation interval in iterations")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    tensorboard: Annotated[bool, typer.Option(
+        help="Also log every scalar to OUT/tensorboard (optional: only when the tensorboard package is "
+             "installed, else skipped silently). OUT/training_curves.png is drawn at the end with dtml[viz]")]
+        = True,
 ) -> None:
     """Train a DTML pair and write a bundle to OUT/bundle."""
     with _user_errors():
@@ -185,6 +189,7 @@ def train(
         from dtml_deploy.io.datasets import make_split, open_source
         from training.losses import ConsistencyConfig
         from training.recipes import recipe as make_recipe
+        from training.run_visuals import run_visuals
         from training.trainer import Trainer
 
         cfg = make_recipe(
@@ -203,7 +208,8 @@ def train(
                 rampup_length=rampup_length if rampup_length is not None else cc.rampup_length))
         source = open_source(data, labels_dir=labels, list_file=case_list)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
-        result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
+        with run_visuals(out, tensorboard, lambda m: typer.echo(m, err=True)):
+            result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
         s = result.summary
         if result.interrupted:
             typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
@@ -309,6 +315,8 @@ def segment(
     output_format: Annotated[FormatName, typer.Option("--format", help=(
         "Mask format: auto (the input's: NIfTI, NRRD, MHA; DICOM -> DICOM SEG + NIfTI), nii.gz, nrrd, mha, "
         "dicom-seg (DICOM input only)"))] = FormatName.auto,
+    preview: Annotated[bool, typer.Option(help="Also write <case>_preview.png: three slices with the mask outline "
+                                                "and the heads' disagreement (needs dtml[viz])")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = False,
     json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = False,
@@ -324,6 +332,10 @@ def segment(
     with _user_errors():
         from dtml_deploy.runner import SegmentRequest, run_segment
 
+        if preview:
+            from dtml_deploy.viz.figure import require_matplotlib
+
+            require_matplotlib("--preview")
         model_path = _bundle_path(model)
         prec = precision.value if precision else None
         bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec, device)
@@ -333,9 +345,9 @@ def segment(
             overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
             head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
-            save_uncertainty=save_uncertainty, output_format=output_format.value, overwrite=overwrite,
-            json_report=json_report, compile=compile, cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion,
-            progress=progress, spacing=_spacing(spacing), max_windows=max_windows)
+            save_uncertainty=save_uncertainty, output_format=output_format.value, preview=preview,
+            overwrite=overwrite, json_report=json_report, compile=compile, cuda_graphs=cuda_graphs,
+            cudnn_fusion=cudnn_fusion, progress=progress, spacing=_spacing(spacing), max_windows=max_windows)
         reports = run_segment(req, bundle)
     failed = [r for r in reports if r.status != "ok"]
     if not reports:
@@ -399,6 +411,9 @@ def evaluate(
     intensity: IntensityOpt = IntensityName.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write a self-contained HTML report: summary, sortable cases with previews, charts (needs dtml[viz])")]
+        = None,
     progress: ProgressOpt = True,
     spacing: SpacingOpt = None,
     max_windows: MaxWindowsOpt = None,
@@ -413,6 +428,13 @@ def evaluate(
         for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report")):
             if path is not None:
                 check_report_path(path, what)
+        thumbs = None
+        if report is not None:
+            from dtml_deploy.viz.figure import require_matplotlib
+            from dtml_deploy.viz.report import Thumbnails, write_html_report
+
+            require_matplotlib("--report")
+            thumbs = Thumbnails()
         extra: dict[str, object] = {}
         if model is not None or data is not None:
             if data is None:
@@ -430,33 +452,37 @@ def evaluate(
                                  precision=precision.value if precision else None, overlap=overlap,
                                  stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
                                  head=head.value, qc=True, lcc=lcc, resample=resample,
-                                 intensity=intensity.value, spacing=_spacing(spacing), max_windows=max_windows)
+                                 intensity=intensity.value, spacing=_spacing(spacing), max_windows=max_windows,
+                                 save_uncertainty=report is not None)
             segmenter = build_segmenter(req, bundle)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
             rows = score_model(segmenter, [source.labeled(i) for i in ids],
                                (lambda c: done.append(c) or typer.echo(f"  {len(done)}/{len(ids)} {c}", err=True))
-                               if progress else None, ignore_geometry=ignore_geometry)
+                               if progress else None, ignore_geometry=ignore_geometry, visit=thumbs)
             _warn_guessed(rows, segmenter.bundle.model.spacing)
             extra = {"model": str(req.model), "bundle_hash": segmenter.bundle.content_hash,
                      "backend": segmenter.backend.describe(), "cases_from": cases,
                      "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
                                 "lcc": lcc}}
         elif pred_dir is not None and gt_dir is not None:
-            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, _spacing(spacing))
+            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, _spacing(spacing), thumbs)
         else:
             raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
-        n_failed = _print_and_write(rows, json_out, csv_out, extra)
+        n_failed, summary = _print_and_write(rows, json_out, csv_out, extra)
+        if report is not None:
+            scored = [r for r in rows if r.get("status", "ok") == "ok"]
+            write_html_report(report, scored, summary, {"predictions": f"masks in {pred_dir}", **extra}, thumbs.png)
     if n_failed:
         raise typer.Exit(1 if n_failed < len(rows) else 2)
 
 
-def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool,
-                       spacing: tuple[float, float, float] | None) -> tuple[list[dict], dict[str, object]]:
+def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool, spacing: tuple[float, float, float] | None,
+                       visit: Callable[..., None] | None) -> tuple[list[dict], dict[str, object]]:
     """Rows for PRED_DIR GT_DIR, with a warning when labelled cases have no prediction."""
     from dtml_deploy.evaluate import score_folders
 
-    rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, spacing)
+    rows, unscored = score_folders(pred_dir, gt_dir, ignore_geometry, spacing, visit)
     _warn_guessed(rows, (1.0, 1.0, 1.0))  # read_volume's default: distances in mm are voxels
     if unscored and any(r["status"] == "ok" for r in rows):  # a smaller set would flatter the mean: say so
         typer.echo(f"warning: {len(unscored)} labelled case(s) have no prediction and are not scored: "
@@ -465,8 +491,9 @@ def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool,
 
 
 def _print_and_write(rows: list[dict], json_out: Path | None, csv_out: Path | None,
-                     extra: dict[str, object]) -> int:
-    """One `error:` line per failed case, the table of the scored ones, the reports; returns the failures."""
+                     extra: dict[str, object]) -> tuple[int, dict]:
+    """One `error:` line per failed case, the table of the scored ones, the reports; returns the number of
+    failures and the summary."""
     from dtml_deploy.evaluate import format_table, summarise_rows, write_reports
 
     summary = summarise_rows(rows)
@@ -476,7 +503,7 @@ def _print_and_write(rows: list[dict], json_out: Path | None, csv_out: Path | No
     if len(failed) < len(rows):
         typer.echo(format_table(rows, summary))
     write_reports(rows, summary, json_out, csv_out, extra)
-    return len(failed)
+    return len(failed), summary
 
 
 def _warn_guessed(rows: list[dict], model_spacing: tuple[float, float, float]) -> None:
@@ -522,12 +549,18 @@ def benchmark(
              "trt-fp16")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Folder for exported artifacts (default: a temporary folder, removed)")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also draw the table as a chart (ms per window, Mvox/s) into this PNG (needs dtml[viz])")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with _user_errors():
         from export.benchmark import BenchmarkRequest, below_min_dice, format_report, run_benchmark, write_json
 
+        if plot is not None:
+            from dtml_deploy.viz.figure import require_matplotlib
+
+            require_matplotlib("--plot")
         req = BenchmarkRequest(
             bundle=_bundle_path(model), data=tuple(data or ()), device=device, batches=_batch_values(batch),
             repeats=repeats, warmup=warmup, min_dice=min_dice,
@@ -536,10 +569,29 @@ def benchmark(
         typer.echo(format_report(report))
         if json_out is not None:
             write_json(report, json_out)
+        if plot is not None:
+            from dtml_deploy.viz.bench_plot import write_benchmark_plot
+
+            write_benchmark_plot(report.to_dict(), plot)
     if min_dice is not None:
         low = below_min_dice(report, min_dice)
         if low:
             raise _fail(f"agreement with torch fp32 below --min-dice {min_dice}: {', '.join(low)}", 1)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A `dtml train` run folder (holds train_log.jsonl)")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="PNG to write (default: RUN_DIR/training_curves.png)")] = None,
+) -> None:
+    """Redraw a run's training curves from its log, also while it is still training (needs dtml[viz])."""
+    with _user_errors():
+        from dtml_deploy.viz.figure import require_matplotlib
+        from training.run_visuals import draw_curves
+
+        require_matplotlib("dtml plot")
+        typer.echo(str(draw_curves(run_dir, output)))
 
 
 def main() -> None:  # pragma: no cover - console entry point

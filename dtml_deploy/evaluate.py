@@ -117,11 +117,13 @@ def _pred_files(pred_dir: Path, gt_dir: Path) -> tuple[list[Path], dict[str, Pat
 
 
 def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
-                  spacing: tuple[float, float, float] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+                  spacing: tuple[float, float, float] | None = None,
+                  visit: Callable[..., None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Score every mask in `pred_dir` against the label of the same case name in `gt_dir`.
 
     Returns the rows (a case that cannot be scored is a 'failed' row) and the labelled cases that have
-    no prediction (not scored; callers say so)."""
+    no prediction (not scored; callers say so). `visit(case, mask=, label=, spacing=, affine=)` sees each
+    scored case's arrays (report thumbnails)."""
     preds, gts = _pred_files(pred_dir, gt_dir)
     unscored = sorted(set(gts) - {case_name(p) for p in preds})
     rows = []
@@ -136,6 +138,8 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
             rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
             if gv.guessed:
                 rows[-1]["geometry_guessed"] = ",".join(gv.guessed)
+            if visit is not None:
+                visit(name, mask=pv.array, label=gv.array, spacing=gv.spacing, affine=gv.affine)
         except Exception as e:  # one case never stops the others
             rows.append(_failed(name, case_error(p, e)))
     return rows, unscored
@@ -143,14 +147,15 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
 
 def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
                 progress: Callable[[str], None] | None = None,
-                ignore_geometry: bool = False) -> list[dict[str, Any]]:
+                ignore_geometry: bool = False, visit: Callable[..., None] | None = None) -> list[dict[str, Any]]:
     """Segment each case's image with `segmenter` and score it against its label; a case that fails
-    (unreadable image or label, grids that differ, limits, ...) is a 'failed' row."""
-    return [_score_case(segmenter, case, ignore_geometry, progress) for case in cases]
+    (unreadable image or label, grids that differ, limits, ...) is a 'failed' row. `visit(case, mask=,
+    label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails)."""
+    return [_score_case(segmenter, case, ignore_geometry, progress, visit) for case in cases]
 
 
 def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
-                progress: Callable[[str], None] | None) -> dict[str, Any]:
+                progress: Callable[[str], None] | None, visit: Callable[..., None] | None) -> dict[str, Any]:
     spacing, opts = segmenter.bundle.model.spacing, segmenter.options
     try:
         # challenge cases are preprocessed as for training (io/challenge.py)
@@ -167,6 +172,9 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         if img.guessed:
             row["geometry_guessed"] = ",".join(img.guessed)
+        if visit is not None:
+            visit(case.case_id, mask=seg.mask, label=lab.array, spacing=img.spacing, affine=img.affine,
+                  image=img.array, uncertainty=seg.uncertainty)
     except Exception as e:  # one case never stops the others
         row = _failed(case.case_id, case_error(case.image.path, e))
     if progress is not None:

@@ -41,6 +41,7 @@ class SegmentRequest:
     save_sdm: bool = False
     save_uncertainty: bool = False
     output_format: str = "auto"  # the input's family (io/formats.py)
+    preview: bool = False  # <case>_preview.png beside the mask (needs matplotlib)
     overwrite: bool = False
     json_report: Path | None = None
     compile: bool = False
@@ -92,7 +93,8 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
     return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample,
                                                      intensity=req.intensity,  # type: ignore[arg-type]
                                                      limits=limits, spacing=req.spacing,
-                                                     output_format=req.output_format))
+                                                     output_format=req.output_format,
+                                                     preview=req.preview))
 
 
 def check_outputs(req: SegmentRequest) -> None:

@@ -56,6 +56,7 @@ class SegmentOptions:
     output_format: str = "auto"  # the input's family; see io/formats.py
     limits: WorkLimits = field(default_factory=WorkLimits)
     spacing: tuple[float, float, float] | None = None  # overrides every file's voxel sizes (--spacing)
+    preview: bool = False  # also draw <case>_preview.png (needs matplotlib: the viz extra)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class CaseReport:
     input: str
     status: str  # ok | failed | skipped
     output: str | None = None
+    preview: str | None = None
     error: str | None = None
     shape: list[int] | None = None
     spacing: list[float] | None = None
@@ -116,7 +118,10 @@ class Segmenter:
         self.bundle = bundle
         self.backend = backend
         self.options = options
-        self.engine = SlidingWindowEngine(backend, bundle.model.patch_size, options.engine)
+        engine_cfg = options.engine
+        if options.preview and engine_cfg.qc:  # a preview draws the heads' disagreement, saved or not
+            engine_cfg = replace(engine_cfg, keep_uncertainty=True)
+        self.engine = SlidingWindowEngine(backend, bundle.model.patch_size, engine_cfg)
 
     def segment_array(self, image: np.ndarray, spacing: tuple[float, float, float] | None = None,
                       name: str = "image", progress: Any = None) -> Segmentation:
@@ -137,7 +142,7 @@ class Segmenter:
             seconds["resample"] = time.perf_counter() - t
             # The mask is thresholded after resampling back, so the engine must hand over probabilities.
             engine = SlidingWindowEngine(self.backend, self.bundle.model.patch_size,
-                                         replace(engine_cfg, keep_prob=True))
+                                         replace(engine.config, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
@@ -189,7 +194,8 @@ class Segmenter:
                               max_voxels=self.options.limits.max_voxels)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            outputs = self._output_paths(vol, Path(out))
+            paths = self._output_paths(vol, Path(out))
+            outputs = dict(paths)
             for p in outputs.values():
                 if p.exists() and not overwrite:
                     raise InputError(f"{p}: exists (use --overwrite to replace it)")
@@ -199,17 +205,22 @@ class Segmenter:
             maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
                     "uncertainty": (seg.uncertainty, np.float32)}
             # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
-            prepared = []
-            if "dicom_seg" in outputs:  # built in memory first: a refused series leaves no file behind
+            # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
+            # series or a failed drawing leaves no file behind.
+            prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
+                        for path, png in self._previews(vol, seg, report, outputs).items()]
+            outputs.pop("preview", None)
+            if "dicom_seg" in outputs:
                 from dtml_deploy.io.dicom_seg import build_seg, save_seg
 
                 ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-                prepared.append((outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+                prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
             write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
             seg.seconds["read"] = read_s
-            seg.seconds["write"] = time.perf_counter() - t
+            seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
             report.status = "ok"
-            report.output = str(prepared[0][0] if prepared else outputs["mask"])
+            report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
+            report.preview = str(paths["preview"]) if "preview" in paths else None
             report.shape = list(vol.shape)
             report.spacing = [float(s) for s in vol.spacing]
             report.windows = seg.windows
@@ -245,8 +256,22 @@ class Segmenter:
             paths["sdm"] = out_dir / f"{name}_sdm{ext}"
         if cfg.keep_uncertainty:
             paths["uncertainty"] = out_dir / f"{name}_uncertainty{ext}"
+        if self.options.preview:
+            paths["preview"] = out_dir / f"{name}_preview.png"
         src = vol.path.resolve()
         for p in paths.values():
             if p.resolve() == src:
                 raise InputError(f"{p}: output would overwrite the input; choose another -o")
         return paths
+
+    def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,
+                  outputs: dict[str, Path]) -> dict[Path, bytes]:
+        """The preview PNG (when asked for), drawn before anything is written so it joins the case's unit."""
+        if "preview" not in outputs:
+            return {}
+        from dtml_deploy.viz.preview import case_preview_png
+
+        t = time.perf_counter()
+        png = case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head, report)
+        seg.seconds["preview"] = time.perf_counter() - t
+        return {outputs["preview"]: png}

@@ -87,8 +87,8 @@ def test_semi_supervised_run_never_reads_unlabeled_labels(sample_root, tmp_path,
     for cid in split_ids["unlabeled_1"]:  # remove the labels training must not read
         (data / "labels" / f"{cid}.nii.gz").unlink()
     read = []
-    real = cache_mod.read_volume
-    monkeypatch.setattr(cache_mod, "read_volume", lambda p, **kw: read.append(Path(p).name) or real(p, **kw))
+    real = cache_mod.read_ref
+    monkeypatch.setattr(cache_mod, "read_ref", lambda ref, **kw: read.append(ref.path.name) or real(ref, **kw))
     cfg = tiny(iterations=3)
     split = make_split(open_source(data), 1, None)
     result = Trainer(cfg, split, tmp_path / "run", show_progress=False).run()

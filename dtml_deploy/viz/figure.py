@@ -1,0 +1,67 @@
+"""matplotlib behind one door: an import that fails with a one-line message naming the extra, figures
+made without pyplot (no global state, no display needed), and PNG bytes or RGB arrays out."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtml_deploy.errors import DtmlError
+from dtml_deploy.io.atomic import atomic_path
+
+EXTRA = "pip install 'dtml[viz]'"
+
+
+def require_matplotlib(what: str) -> None:
+    """Raise a one-line `DtmlError` naming the extra when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError:
+        raise DtmlError(f"{what} needs matplotlib: {EXTRA}") from None
+
+
+def new_figure(width_in: float, height_in: float, dpi: float = 100) -> Any:
+    """A matplotlib Figure on an Agg canvas (no pyplot, so nothing global and no display)."""
+    require_matplotlib("drawing")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """The figure as PNG bytes at its own dpi."""
+    buf = io.BytesIO()
+    fig.canvas.print_png(buf)
+    return buf.getvalue()
+
+
+def figure_rgb(fig: Any) -> np.ndarray:
+    """The rendered figure as a uint8 (H, W, 3) array: what the PNG holds."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write the figure as PNG, atomically."""
+    data = figure_png(fig)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def png_to_rgb(data: bytes) -> np.ndarray:
+    """Decode PNG bytes to a uint8 (H, W, 3) array (used to check what was written)."""
+    require_matplotlib("reading a PNG")
+    from matplotlib.image import imread
+
+    arr = imread(io.BytesIO(data), format="png")
+    if arr.dtype != np.uint8:
+        arr = np.round(arr * 255).astype(np.uint8)
+    return arr[..., :3]

@@ -164,6 +164,7 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in iterations")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validation interval in iterations")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in OUT (else refused)")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Train a DTML pair and write a bundle to OUT/bundle."""
@@ -173,6 +174,7 @@ def train(
         from dtml_deploy.io.datasets import make_split, open_source
         from training.losses import ConsistencyConfig
         from training.recipes import recipe as make_recipe
+        from training.divergence import TrainingDiverged
         from training.trainer import Trainer
 
         cfg = make_recipe(
@@ -191,7 +193,10 @@ def train(
                 rampup_length=rampup_length if rampup_length is not None else cc.rampup_length))
         source = open_source(data, labels_dir=labels, list_file=case_list)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
-        result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
+        try:
+            result = Trainer(cfg, split, out, resume=resume, overwrite=overwrite, show_progress=progress).run()
+        except TrainingDiverged as e:  # the run itself failed, not its input: exit 1
+            raise _fail(str(e), 1) from None
         s = result.summary
         if result.interrupted:
             typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "

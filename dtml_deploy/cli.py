@@ -172,9 +172,9 @@ def train(
         from dataclasses import replace
 
         from dtml_deploy.io.datasets import make_split, open_source
+        from training.divergence import TrainingDiverged
         from training.losses import ConsistencyConfig
         from training.recipes import recipe as make_recipe
-        from training.divergence import TrainingDiverged
         from training.trainer import Trainer
 
         cfg = make_recipe(
@@ -455,14 +455,18 @@ def benchmark(
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with _user_errors():
+        from export import benchmark as bench
         from export.benchmark import BenchmarkRequest, below_min_dice, format_report, run_benchmark, write_json
 
+        if json_out is not None and json_out.is_dir():
+            raise ValueError(f"--json {json_out}: is a folder; give a file name")
         req = BenchmarkRequest(
             bundle=_bundle_path(model), data=tuple(data or ()), device=device, batches=_batch_values(batch),
-            repeats=repeats, warmup=warmup, min_dice=min_dice,
-            formats=tuple(f.strip() for f in (formats or "").split(",") if f.strip()), workdir=output)
+            repeats=repeats, warmup=warmup, min_dice=min_dice, formats=bench.parse_formats(formats), workdir=output)
         report = run_benchmark(req, (lambda m: typer.echo(m, err=True)) if progress else (lambda _: None))
         typer.echo(format_report(report))
+        if bench.nothing_timed(report):  # a benchmark that timed nothing is a failure, not a report
+            raise _fail(str(bench.nothing_timed(report)), 1)
         if json_out is not None:
             write_json(report, json_out)
     if min_dice is not None:

@@ -77,7 +77,8 @@ class TrainConfig:
     def _check_counts(self) -> None:
         """Case counts, batch sizes and intervals: whole numbers in range."""
         if not (is_int(self.labeled) and self.labeled >= 1):
-            raise ValueError(f"labeled must be an integer >= 1 (every recipe needs labeled cases), got {self.labeled!r}")
+            raise ValueError(f"labeled must be an integer >= 1 (every recipe needs labeled cases), "
+                             f"got {self.labeled!r}")
         require(len(self.patch) == 3 and all(is_int(p) and p >= 16 and p % 16 == 0 for p in self.patch), "patch",
                 "3 multiples of 16 (the V-Net halves each axis 4 times)", self.patch)
         if self.unlabeled is not None:

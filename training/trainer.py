@@ -37,8 +37,8 @@ from training.data.sampler import TwoStreamSampler, check_batch_composition
 from training.distributed import DistInfo, init_distributed, shutdown_distributed
 from training.divergence import TrainingDiverged, nonfinite_tensors, on_any_rank
 from training.logs import TrainLogger
-from training.run_folder import check_run_folder, clear_run, resume_start
 from training.losses import consistency_loss, dis_loss, seg_loss
+from training.run_folder import check_run_folder, clear_run, resume_start
 from training.validate import validate
 
 

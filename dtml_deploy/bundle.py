@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dtml_deploy import __version__
-from dtml_deploy.bundle_schema import DTYPES, check_dtypes, check_top_level, check_weights, shard_path
+from dtml_deploy.bundle_schema import DTYPES, META_KEYS, check_dtypes, check_top_level, check_weights, shard_path
 from dtml_deploy.checks import is_int
 from dtml_deploy.config import ModelConfig
 from dtml_deploy.errors import BundleError
@@ -93,6 +93,9 @@ class Bundle:
         """Write the bundle atomically; floating weights stored as `dtype` (float32/float16/bfloat16)."""
         if dtype not in _DTYPES:
             raise BundleError(f"unknown weight dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+        unknown = sorted(set(self.meta) - META_KEYS)
+        if unknown:  # `load` would refuse them: never write a bundle that cannot be read back
+            raise BundleError(f"bundle metadata keys {unknown} are not part of the format ({sorted(META_KEYS)})")
         tensors = {k: (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                    for k, v in self.state.items()}
         shards = _shards(tensors, max_shard_bytes)

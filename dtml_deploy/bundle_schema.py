@@ -18,8 +18,8 @@ from dtml_deploy.checks import is_int
 from dtml_deploy.errors import BundleError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOP_KEYS = frozenset({"format", "format_version", "dtml_version", "model", "weights", "recipe",
-                      "data_fingerprint", "training"})
+META_KEYS = frozenset({"recipe", "data_fingerprint", "training"})  # what a bundle's `meta` may hold
+TOP_KEYS = frozenset({"format", "format_version", "dtml_version", "model", "weights"}) | META_KEYS
 WEIGHT_KEYS = frozenset({"dtype", "files", "n_tensors", "content_hash"})
 SHARD_SUFFIX = ".safetensors"
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -70,6 +70,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
     except (SafetensorError, OSError, ValueError) as e:
         raise DtmlError(f"{tensor_file}: unreadable checkpoint ({_first_line(e)})") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    # torch forgives a missing BatchNorm counter; a checkpoint must hold everything it saved
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise DtmlError(f"{tensor_file}: the checkpoint's weights do not fit this network ({what}; "
+                        f"{len(missing)} missing, {len(extra)} unexpected)")
     try:
         model.load_state_dict(model_state)
     except RuntimeError as e:

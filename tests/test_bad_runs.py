@@ -107,6 +107,8 @@ BAD_TRAIN_OPTIONS = {
     "n-filters-zero": (["--n-filters", "0"], "n_filters must be"),
     "seed-negative": (["--seed", "-1"], "seed must be"),
     "unlabeled-without-batch": (["--unlabeled-bs", "0", "--unlabeled", "2"], "never be drawn"),
+    "device-bogus": (["--device", "bogus"], "--device bogus: training runs on"),
+    "device-mps": (["--device", "mps"], "--device mps: training runs on"),
 }
 
 

@@ -163,8 +163,13 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if cfg.device == "auto" else cfg.device))
+        try:
+            device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                  else ("cpu" if cfg.device == "auto" else cfg.device))
+        except RuntimeError:
+            device = torch.device("meta")  # refused just below, with the same message
+        if device.type not in ("cpu", "cuda"):
+            raise DtmlError(f"--device {cfg.device}: training runs on auto, cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DtmlError("--device cuda asked for, but torch sees no CUDA device")
         if device.type == "cpu":

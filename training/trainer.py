@@ -288,8 +288,8 @@ class Trainer:
             paths.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DtmlError(f"{paths.out}: cannot create the run folder ({e.strerror})") from None
-        # On the CPU fetching a loss costs nothing, so every iteration is checked: a diverged CPU step runs
-        # ~25x slower (NaN and huge weights), and waiting for a 25-iteration flush would cost minutes.
+        # On the CPU fetching a loss costs no device sync, so every iteration is checked: a diverged run stops
+        # at once instead of running up to 24 more iterations of seconds each before the next flush.
         flush_every = self.log_flush_every if st.device.type == "cuda" else 1
         logger = TrainLogger(paths.log if st.dist.is_main else None, st.start, cfg.iterations,
                              self.show_progress and st.dist.is_main, flush_every)

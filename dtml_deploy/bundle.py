@@ -23,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dtml_deploy import __version__
+from dtml_deploy.bundle_schema import DTYPES, META_KEYS, check_dtypes, check_top_level, check_weights, shard_path
+from dtml_deploy.checks import is_int
 from dtml_deploy.config import ModelConfig
 from dtml_deploy.errors import BundleError
 from dtml_deploy.io.atomic import atomic_dir
@@ -32,7 +34,7 @@ from dtml_deploy.nets.dual import DualTaskNet
 FORMAT = "dtml-bundle"
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 15_000_000
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = DTYPES
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -91,6 +93,9 @@ class Bundle:
         """Write the bundle atomically; floating weights stored as `dtype` (float32/float16/bfloat16)."""
         if dtype not in _DTYPES:
             raise BundleError(f"unknown weight dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+        unknown = sorted(set(self.meta) - META_KEYS)
+        if unknown:  # `load` would refuse them: never write a bundle that cannot be read back
+            raise BundleError(f"bundle metadata keys {unknown} are not part of the format ({sorted(META_KEYS)})")
         tensors = {k: (v.to(_DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
                    for k, v in self.state.items()}
         shards = _shards(tensors, max_shard_bytes)
@@ -127,34 +132,43 @@ class Bundle:
             config = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{cfg_path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise BundleError(f"{cfg_path}: cannot be read ({e.strerror})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise BundleError(f"{cfg_path}: not a dtml bundle (format is {config.get('format')!r})"
                               if isinstance(config, dict) else f"{cfg_path}: not a dtml bundle")
-        if config.get("format_version", 0) > FORMAT_VERSION:
+        if is_int(config.get("format_version")) and config["format_version"] > FORMAT_VERSION:
             raise BundleError(f"{cfg_path}: bundle format {config['format_version']} is newer than this "
                               f"dtml understands ({FORMAT_VERSION}); upgrade dtml")
+        check_top_level(config, cfg_path)
         try:
-            model = ModelConfig.from_dict(config["model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{cfg_path}: bad 'model' section ({e})") from None
-        weights = config.get("weights") or {}
-        files = weights.get("files") or {}
-        if not files:
-            raise BundleError(f"{cfg_path}: lists no weight files")
+            model = ModelConfig.from_dict(config.get("model"))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"{cfg_path}: {e}") from None
+        weights = config.get("weights")
+        dtype, files = check_weights(weights, cfg_path)
         state: dict[str, torch.Tensor] = {}
         for name, digest in files.items():
-            f = path / name
+            f = shard_path(path, name, cfg_path)
             if not f.is_file():
                 raise BundleError(f"{f}: weight shard is missing")
             if file_sha256(f) != digest:
                 raise BundleError(f"{f}: checksum mismatch (file is corrupt or was modified)")
             try:
-                state.update(load_file(str(f)))
+                tensors = load_file(str(f))
             except (SafetensorError, OSError, ValueError) as e:
                 raise BundleError(f"{f}: unreadable safetensors file ({e})") from None
-        if len(state) != weights.get("n_tensors", len(state)):
+            check_dtypes(tensors, dtype, f)
+            again = sorted(set(tensors) & set(state))
+            if again:
+                raise BundleError(f"{f}: tensor {again[0]} is also in another shard")
+            state.update(tensors)
+        if len(state) != weights.get("n_tensors", len(state)):  # type: ignore[union-attr]
             raise BundleError(f"{path}: expected {weights['n_tensors']} tensors, found {len(state)}")
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a diverged run's weights: every mask would be empty or full
+            raise BundleError(f"{path}: tensor {bad[0]} holds NaN or infinite weights; the bundle is unusable")
         meta = {k: v for k, v in config.items()
                 if k not in {"format", "format_version", "dtml_version", "model", "weights"}}
         bundle = cls(model=model, state=state, meta=meta)

@@ -176,6 +176,7 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint interval in iterations")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validation interval in iterations")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in OUT (else refused)")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
     tensorboard: Annotated[bool, typer.Option(
         help="Also log every scalar to OUT/tensorboard (optional: only when the tensorboard package is "
@@ -187,6 +188,7 @@ def train(
         from dataclasses import replace
 
         from dtml_deploy.io.datasets import make_split, open_source
+        from training.divergence import TrainingDiverged
         from training.losses import ConsistencyConfig
         from training.recipes import recipe as make_recipe
         from training.run_visuals import run_visuals
@@ -209,7 +211,10 @@ def train(
         source = open_source(data, labels_dir=labels, list_file=case_list)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
         with run_visuals(out, tensorboard, lambda m: typer.echo(m, err=True)):
-            result = Trainer(cfg, split, out, resume=resume, show_progress=progress).run()
+            try:
+                result = Trainer(cfg, split, out, resume=resume, overwrite=overwrite, show_progress=progress).run()
+            except TrainingDiverged as e:  # the run itself failed, not its input: exit 1
+                raise _fail(str(e), 1) from None
         s = result.summary
         if result.interrupted:
             typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
@@ -555,18 +560,22 @@ def benchmark(
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with _user_errors():
+        from export import benchmark as bench
         from export.benchmark import BenchmarkRequest, below_min_dice, format_report, run_benchmark, write_json
 
+        if json_out is not None and json_out.is_dir():
+            raise ValueError(f"--json {json_out}: is a folder; give a file name")
         if plot is not None:
             from dtml_deploy.viz.figure import require_matplotlib
 
             require_matplotlib("--plot")
         req = BenchmarkRequest(
             bundle=_bundle_path(model), data=tuple(data or ()), device=device, batches=_batch_values(batch),
-            repeats=repeats, warmup=warmup, min_dice=min_dice,
-            formats=tuple(f.strip() for f in (formats or "").split(",") if f.strip()), workdir=output)
+            repeats=repeats, warmup=warmup, min_dice=min_dice, formats=bench.parse_formats(formats), workdir=output)
         report = run_benchmark(req, (lambda m: typer.echo(m, err=True)) if progress else (lambda _: None))
         typer.echo(format_report(report))
+        if bench.nothing_timed(report):  # a benchmark that timed nothing is a failure, not a report
+            raise _fail(str(bench.nothing_timed(report)), 1)
         if json_out is not None:
             write_json(report, json_out)
         if plot is not None:

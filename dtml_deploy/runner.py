@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtml_deploy.backend_choice import resolve_backend
 from dtml_deploy.backends.base import BackendOptions, create_backend, resolve_device
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import GridSpec
@@ -69,6 +70,8 @@ def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
     head = req.head
     if not both and head != ("seg" if "seg" in trained else "sdm"):
         raise ValueError(f"this bundle trained only {trained}; --head {head} needs the other network")
+    if req.save_uncertainty and not both:
+        raise ValueError(f"this bundle trained only {trained}; --save-uncertainty needs both networks")
     return EngineConfig(
         grid=GridSpec(overlap=req.overlap, stride=req.stride), blend=req.blend, head=head,  # type: ignore[arg-type]
         qc=req.qc and both, keep_prob=req.save_prob, keep_sdm=req.save_sdm,
@@ -88,7 +91,9 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
                              compile=req.compile, artifact=req.artifact,
                              cuda_graphs=cuda if req.cuda_graphs is None else req.cuda_graphs,
                              cudnn_fusion=cuda if req.cudnn_fusion is None else req.cudnn_fusion)
-    backend = create_backend(req.backend, bundle, options, engine.channels)
+    name = resolve_backend(req.backend, req.artifact, compile=req.compile, cuda_graphs=req.cuda_graphs,
+                           cudnn_fusion=req.cudnn_fusion)
+    backend = create_backend(name, bundle, options, engine.channels)
     limits = WorkLimits() if req.max_windows is None else WorkLimits(max_windows=req.max_windows)
     return Segmenter(bundle, backend, SegmentOptions(engine=engine, lcc=req.lcc, resample=req.resample,
                                                      intensity=req.intensity,  # type: ignore[arg-type]

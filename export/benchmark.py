@@ -73,6 +73,16 @@ ROWS: tuple[RowSpec, ...] = (
 ROW_KEYS: tuple[str, ...] = tuple(s.key for s in ROWS)
 
 
+def parse_formats(text: str | None) -> tuple[str, ...]:
+    """`--formats a,b`: the row keys (None: every row); an option that names nothing is refused."""
+    if text is None:
+        return ()
+    keys = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    if not keys:
+        raise ValueError(f"--formats names no row; choose from {', '.join(ROW_KEYS)}")
+    return keys
+
+
 @dataclass(frozen=True)
 class BenchmarkRequest:
     """What `dtml benchmark` measures."""
@@ -525,8 +535,12 @@ def run_benchmark(req: BenchmarkRequest, echo: Callable[[str], None] = lambda _:
     device = resolve_device(req.device)
     cuda = device.type == "cuda"
     batches = batch_values(req.batches, cuda)
-    cases = _load_cases(req, bundle)
     specs = [s for s in ROWS if not req.formats or s.key in req.formats]
+    reasons = {s.key: skip_reason(s, cuda, s.key in req.formats) for s in specs}
+    if all(reasons.values()):  # say so before loading cases or making a work folder
+        raise DtmlError("nothing to benchmark on this machine: "
+                        + "; ".join(f"{key} skipped ({why})" for key, why in reasons.items()))
+    cases = _load_cases(req, bundle)
     rows: list[BenchmarkRow] = []
     with _workdir(req.workdir) as workdir:
         ctx = _Context(req, bundle, device, cases, bool(req.data), batches, workdir, echo)
@@ -587,7 +601,17 @@ def format_report(report: BenchmarkReport) -> str:
 
 
 def write_json(report: BenchmarkReport, path: Path) -> None:
-    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    try:
+        atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise DtmlError(f"{path}: cannot write the JSON report ({e.strerror or e})") from None
+
+
+def nothing_timed(report: BenchmarkReport) -> str | None:
+    """One line when no row of the report was timed (all skipped or failed); None when one was."""
+    if any(r.timed for r in report.rows):
+        return None
+    return "no benchmark row ran: " + "; ".join(f"{r.key} {r.status}" for r in report.rows)
 
 
 def below_min_dice(report: BenchmarkReport, min_dice: float) -> list[str]:

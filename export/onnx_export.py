@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # Conv/ConvTranspose/Sigmoid/Tanh/Cast are all stable from 13 on
+
+
+def max_opset() -> int:
+    """The newest opset the TorchScript-based exporter of this torch writes (20 in torch 2.x)."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    except ImportError:  # a torch that moved its constants: the value torch 2.13 reports
+        return 20
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset this exporter cannot write, before any work."""
+    top = max_opset()
+    if not (isinstance(opset, int) and MIN_OPSET <= opset <= top):
+        raise ValueError(f"--opset must be between {MIN_OPSET} and {top} (what this torch's exporter "
+                         f"writes and the graph needs), got {opset}")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -96,8 +114,7 @@ def export_onnx_info(bundle: Bundle, out_path: Path, precision: str = "fp32", dy
     fmt = FORMATS["onnx"]
     if precision not in fmt.precisions:
         raise ValueError(f"precision must be one of {fmt.precisions}, got {precision!r}")
-    if not MIN_OPSET <= int(opset) <= 21:
-        raise ValueError(f"opset must be between {MIN_OPSET} and 21, got {opset}")
+    check_opset(int(opset))
     out_path = Path(out_path)
     if out_path.suffix != fmt.suffix:
         raise ValueError(f"{out_path}: an ONNX export must end in {fmt.suffix}")

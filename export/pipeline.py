@@ -8,8 +8,9 @@ fp32 on a real case is what `dtml benchmark`'s TensorRT row measures.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import numpy as np
 
 from dtml_deploy import __version__
 from dtml_deploy.bundle import Bundle
-from dtml_deploy.errors import DtmlError
+from dtml_deploy.errors import BackendUnavailable, DtmlError
 from dtml_deploy.intensity import prepare
+from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
-from export.formats import artifact_path
-from export.onnx_export import export_onnx_info
+from export.formats import FORMATS, artifact_path
+from export.onnx_export import check_opset, export_onnx_info
 from export.verify import render_report, verify_onnx
 
 
@@ -48,10 +51,23 @@ class ExportRequest:
     timing_cache: Path | None = None
 
     def __post_init__(self) -> None:
+        check_opset(self.opset)
+        bad = [p for p in self.precisions if p not in FORMATS["onnx"].precisions]
+        if bad or not self.precisions:
+            raise ValueError(f"ONNX precisions must be among {FORMATS['onnx'].precisions}, got {list(self.precisions)}")
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ValueError(f"{self.out_dir}: exists and is not a folder")
+        if self.real_case is not None and not Path(self.real_case).is_file():
+            raise ValueError(f"--real-case {self.real_case}: no such file")
         if self.trt:  # a bad profile fails before minutes of exporting, not after
             from export.trt_build import check_build_options  # importable without TensorRT
 
             check_build_options(self.min_batch, self.opt_batch, self.max_batch, self.workspace_gb)
+            from dtml_deploy.backends.trt_backend import unavailable_reason
+
+            reason = unavailable_reason()
+            if reason is not None:  # before the ONNX export it would build from, not after
+                raise BackendUnavailable(f"--trt: {reason.split(';')[0]}")
 
 
 @dataclass
@@ -107,17 +123,46 @@ def export_verified_onnx(bundle: Bundle, out: Path, precision: str, *, opset: in
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _nothing_left_on_failure(out_dir: Path, planned: list[Path]) -> Iterator[None]:
+    """If the block fails, remove the planned files it created and the folders it created for them,
+    so a failed export leaves the output folder as it was (or absent)."""
+    out_dir = Path(out_dir)
+    missing_dirs = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    existed = {p for p in planned if p.exists()}
+    try:
+        yield
+    except BaseException:
+        for p in planned:
+            if p not in existed:
+                p.unlink(missing_ok=True)
+        for d in missing_dirs:  # innermost first
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there
+                d.rmdir()
+        raise
+
+
 def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[ExportResult]:
-    """Everything `dtml export` does, in order; raises on the first failure."""
+    """Everything `dtml export` does, in order; raises on the first failure, leaving no new file."""
     bundle = Bundle.load(req.bundle)
     real = central_patch(req.real_case, bundle) if req.real_case is not None else None
     precisions = list(req.precisions)
+    planned = [artifact_path(req.out_dir, "onnx", p) for p in FORMATS["onnx"].precisions]
     if req.trt:
+        from dtml_deploy.artifacts import sidecar_path
         from export.trt_build import onnx_precision_for
 
         needed = onnx_precision_for(req.trt_fp16)
         if needed not in precisions:
             precisions.append(needed)
+        engine = artifact_path(req.out_dir, "trt", "fp16" if req.trt_fp16 else "fp32")
+        planned += [engine, sidecar_path(engine)]
+    with _nothing_left_on_failure(req.out_dir, planned):
+        return _export_all(req, bundle, precisions, real, echo)
+
+
+def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real: np.ndarray | None,
+                echo: Callable[[str], None]) -> list[ExportResult]:
     results = []
     onnx_paths: dict[str, Path] = {}
     for precision in precisions:
@@ -147,11 +192,22 @@ def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable
     """The verified ONNX export of `bundle` (loaded from `bundle_dir`) in the user cache, exported on first use.
 
     Keyed by the bundle's content hash and dtml's version, so neither a changed bundle nor an upgraded
-    exporter is served an old graph."""
+    exporter is served an old graph. The graph's SHA-256 is recorded beside it when written and checked
+    on every use: a truncated, edited or unrecorded graph is exported again, with a note."""
     root = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtml" / bundle.content_hash
             / f"dtml-{__version__}")
     path = artifact_path(root, "onnx", precision)
-    if not path.is_file():
+    digest_file = path.with_name(path.name + ".sha256")
+    if path.is_file():
+        recorded = digest_file.read_text().strip() if digest_file.is_file() else None
+        if recorded is not None and recorded == file_sha256(path):
+            return path
+        why = ("has no recorded SHA-256" if recorded is None
+               else "does not match its recorded SHA-256 (corrupt or modified)")
+        echo(f"note: the cached ONNX graph {path} {why}; exporting it again")
+    else:
         echo(f"exporting {precision} ONNX of {bundle_dir} to {path} (once)")
-        export_verified_onnx(bundle, path, precision)
+    digest_file.unlink(missing_ok=True)  # never a digest describing another graph
+    export_verified_onnx(bundle, path, precision)
+    atomic_write_text(digest_file, file_sha256(path) + "\n")
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dtml_deploy.errors import DtmlError
@@ -44,15 +45,48 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizers: dict[str, to
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    """Restore model, optimizers and RNG states in place; returns the JSON metadata."""
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The JSON half of a checkpoint (iteration, config, data fingerprint), read without the tensors."""
     if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
         raise DtmlError(f"{path}: no checkpoint to resume from")
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+    try:
+        meta = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DtmlError(f"{path / 'state.json'}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("iteration"), int) or not isinstance(
+            meta.get("config"), dict):
+        raise DtmlError(f"{path / 'state.json'}: not a dtml checkpoint (no iteration or config)")
+    return meta
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore model, optimizers and RNG states in place; returns the JSON metadata.
+    Every failure (unreadable file, missing or misshapen tensors) is one `DtmlError` naming the file."""
+    meta = read_checkpoint_meta(path)
+    tensor_file = path / "state.safetensors"
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DtmlError(f"{tensor_file}: unreadable checkpoint ({_first_line(e)})") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state)
+    # torch forgives a missing BatchNorm counter; a checkpoint must hold everything it saved
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise DtmlError(f"{tensor_file}: the checkpoint's weights do not fit this network ({what}; "
+                        f"{len(missing)} missing, {len(extra)} unexpected)")
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        raise DtmlError(f"{tensor_file}: the checkpoint's weights do not fit this network "
+                        f"({_first_line(e)})") from None
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DtmlError(f"{tensor_file}: the checkpoint holds non-finite weights ({bad[0]})")
+    if "rng.torch" not in tensors:
+        raise DtmlError(f"{tensor_file}: the checkpoint has no random-number state (rng.torch)")
     for name, opt in optimizers.items():
         params = [p for g in opt.param_groups for p in g["params"]]
         for i, p in enumerate(params):
@@ -65,3 +99,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
         if states:
             torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:240] if lines else type(e).__name__

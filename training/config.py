@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dtml_deploy.checks import finite_in, int_at_least, is_int, require
 from dtml_deploy.config import ModelConfig, NetConfig
+from dtml_deploy.intensity import POLICIES
 from training.losses import SUPERVISIONS, ConsistencyConfig, Supervision
 
 Amp = Literal["auto", "bf16", "fp16", "none"]
@@ -54,21 +56,51 @@ class TrainConfig:
     val_every: int = 1000
 
     def __post_init__(self) -> None:
+        self._check_counts()
         if self.supervision not in SUPERVISIONS:
             raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {self.supervision!r}")
         if not (self.train_seg or self.train_dis):
             raise ValueError("at least one of the two networks must be trained")
         if self.consistency and not (self.train_seg and self.train_dis):
             raise ValueError("the consistency loss needs both networks")
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.labeled < 1:
-            raise ValueError("labeled must be >= 1: every recipe needs labeled cases")
         if self.unlabeled_bs and self.unlabeled == 0:
             raise ValueError("unlabeled_bs > 0 needs unlabeled cases (set --unlabeled-bs 0)")
+        if self.unlabeled_bs == 0 and self.unlabeled:
+            raise ValueError(f"unlabeled={self.unlabeled} cases would never be drawn with unlabeled_bs 0")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
-        self.model_config()  # validates patch, n_filters, norm, k
+        if self.intensity not in POLICIES:
+            raise ValueError(f"intensity must be one of {POLICIES}, got {self.intensity!r}")
+        self._check_optimisation()
+        self.model_config()  # validates patch, n_filters, norm, dropout, k
+
+    def _check_counts(self) -> None:
+        """Case counts, batch sizes and intervals: whole numbers in range."""
+        if not (is_int(self.labeled) and self.labeled >= 1):
+            raise ValueError(f"labeled must be an integer >= 1 (every recipe needs labeled cases), "
+                             f"got {self.labeled!r}")
+        require(len(self.patch) == 3 and all(is_int(p) and p >= 16 and p % 16 == 0 for p in self.patch), "patch",
+                "3 multiples of 16 (the V-Net halves each axis 4 times)", self.patch)
+        if self.unlabeled is not None:
+            int_at_least("unlabeled", self.unlabeled, 0)
+        int_at_least("val_cases", self.val_cases, 0)
+        int_at_least("labeled_bs", self.labeled_bs, 1)
+        int_at_least("unlabeled_bs", self.unlabeled_bs, 0)
+        int_at_least("iterations", self.iterations, 1)
+        int_at_least("workers", self.workers, -1)
+        int_at_least("checkpoint_every", self.checkpoint_every, 0)
+        int_at_least("val_every", self.val_every, 1)
+        require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+
+    def _check_optimisation(self) -> None:
+        """SGD and schedule values: finite and in the range where they mean something."""
+        finite_in("lr", self.lr, 0.0, low_open=True)
+        finite_in("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        finite_in("weight_decay", self.weight_decay, 0.0)
+        int_at_least("lr_step", self.lr_step, 1)
+        finite_in("lr_gamma", self.lr_gamma, 0.0, 1.0, low_open=True)
+        finite_in("k", self.k, 0.0, low_open=True)
+        finite_in("dropout", self.dropout, 0.0, 1.0, high_open=True)
 
     @property
     def semi_supervised(self) -> bool:

@@ -1,12 +1,14 @@
 """Per-iteration JSONL log and a progress bar with ETA.
 
 Loss values stay on the device and are fetched every `flush_every` iterations in one transfer, so
-logging every iteration costs no per-iteration synchronisation on a GPU.
+logging every iteration costs no per-iteration synchronisation on a GPU. The fetched values are also
+where divergence is noticed: `diverged` holds the first iteration with a non-finite term.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ class TrainLogger:
         self._t0 = self._t_last = time.perf_counter()
         self._it_last = start
         self.last: dict[str, Any] = {}
+        self.diverged: tuple[int, list[str]] | None = None  # (iteration, terms) of the first non-finite loss
         self.rate = 0.0
         self._progress = None
         if show_progress:
@@ -39,12 +42,15 @@ class TrainLogger:
             self._task = self._progress.add_task("train", total=total, completed=start, info="")
             self._progress.start()
 
-    def log(self, iteration: int, losses: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
+    def log(self, iteration: int, losses: dict[str, torch.Tensor], scalars: dict[str, float]) -> bool:
+        """Queue one iteration's losses; returns True when this call flushed (fetched) the queue."""
         self._pending.append((iteration, {k: v.detach() for k, v in losses.items()}, scalars))
         if self._progress is not None:
             self._progress.update(self._task, completed=iteration + 1)
         if len(self._pending) >= self.flush_every:
             self.flush()
+            return True
+        return False
 
     def event(self, row: dict[str, Any]) -> None:
         """A non-iteration row (validation, checkpoint)."""
@@ -63,6 +69,9 @@ class TrainLogger:
         self._t_last, self._it_last = now, last_it + 1
         lines = []
         for (it, _, scalars), vals in zip(self._pending, values):
+            bad = [k for k, v in zip(keys, vals) if not math.isfinite(v)]
+            if bad and self.diverged is None:
+                self.diverged = (it, bad)
             row = {"iteration": it, **{f"loss_{k}" if k != "total" else "loss": v for k, v in zip(keys, vals)},
                    **scalars, "it_per_s": round(self.rate, 3), "elapsed_s": round(now - self._t0, 3)}
             lines.append(json.dumps(row))

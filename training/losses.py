@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from dtml_deploy.checks import finite_in, int_at_least
 from dtml_deploy.nets.dual import sdm_to_mask
 
 Supervision = Literal["mask", "dis", "dis+mask"]
@@ -73,6 +74,10 @@ class ConsistencyConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("code", "paper"):
             raise ValueError(f"consistency schedule must be 'code' or 'paper', got {self.schedule!r}")
+        if self.lambda_max is not None:
+            finite_in("lambda_max", self.lambda_max, 0.0)
+        int_at_least("rampup_period", self.rampup_period, 1)
+        finite_in("rampup_length", self.rampup_length, 0.0)
 
     @property
     def max_weight(self) -> float:

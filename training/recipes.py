@@ -34,6 +34,7 @@ def recipe(name: str, **overrides: Any) -> TrainConfig:
     """The recipe's config with `overrides` (None values are ignored) applied."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
-    cfg = replace(TrainConfig(), recipe=name, **RECIPES[name])
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    return replace(cfg, **changes) if changes else cfg
+    base = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if base.get("unlabeled_bs", TrainConfig.unlabeled_bs) == 0 and base.get("unlabeled") is None:
+        base["unlabeled"] = 0  # no unlabeled batch: record (and load) no unlabeled cases
+    return replace(TrainConfig(), recipe=name, **base)

@@ -56,13 +56,33 @@ def summary_writer(log_dir: Path) -> Any | None:
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def tensorboard_installed() -> bool:
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class TensorBoardTail:
     """Follows `log` in a thread and mirrors its rows into TensorBoard under `log_dir`."""
 
-    def __init__(self, log: Path, log_dir: Path, writer: Any, poll_s: float = 1.0) -> None:
+    def __init__(self, log: Path, log_dir: Path, poll_s: float = 1.0) -> None:
         self.tail = LogTail(log)
+        self.log = log
         self.log_dir = log_dir
-        self.writer = writer
+        # Nothing is written until the log changes: a run the trainer refuses (a folder holding another run,
+        # bad options) must leave its folder exactly as it was.
+        self._initial = _stat(log)
+        self.writer: Any = None
         self.poll_s = poll_s
         self.scalars = 0
         self._stop = threading.Event()
@@ -71,10 +91,9 @@ class TensorBoardTail:
     @classmethod
     def start(cls, log: Path, log_dir: Path, poll_s: float = 1.0) -> TensorBoardTail | None:
         """A running tail, or None when TensorBoard is not installed."""
-        writer = summary_writer(log_dir)
-        if writer is None:
+        if not tensorboard_installed():
             return None
-        tail = cls(log, log_dir, writer, poll_s)
+        tail = cls(log, log_dir, poll_s)
         tail._thread.start()
         return tail
 
@@ -83,6 +102,11 @@ class TensorBoardTail:
             self._drain()
 
     def _drain(self) -> None:
+        if self.writer is None:
+            now = _stat(self.log)
+            if now is None or now == self._initial:
+                return
+            self.writer = summary_writer(self.log_dir)
         rows = self.tail.read_new()
         if rows:
             self.scalars += write_rows(self.writer, rows)
@@ -93,4 +117,5 @@ class TensorBoardTail:
         self._stop.set()
         self._thread.join()
         self._drain()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

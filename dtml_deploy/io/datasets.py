@@ -56,6 +56,7 @@ class DataSource:
     splits: dict[str, list[str]]
     labels_dir: Path | None = None
     suffix: str = ".nii.gz"
+    labeled_pool: tuple[str, ...] | None = None  # cases that have a label; None: every case
 
     def image_ref(self, case_id: str) -> ArrayRef:
         if self.layout == "la2018-challenge":
@@ -88,7 +89,33 @@ class DataSource:
 
 def read_case_list(path: Path) -> list[str]:
     """Case ids of a list file, one per line (UA-MT's `<ID>/mri_norm2.h5` lines give `<ID>`)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: case list file does not exist")
     return [ln.strip().split("/")[0] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _listed(listed: list[str], found: list[str], list_file: Path, root: Path) -> list[str]:
+    """The ids of a case-list file, each checked to have an image."""
+    if not listed:
+        raise DataError(f"{list_file}: the case list is empty")
+    missing = [i for i in listed if i not in set(found)]
+    if missing:
+        raise DataError(f"{list_file}: {len(missing)} listed case(s) have no image in {root} "
+                        f"(first: {missing[0]!r})")
+    return listed
+
+
+def _labeled_pool(ids: list[str], labels_dir: Path, suffix: str, root: Path) -> tuple[str, ...]:
+    """The images that have a label file of the same name; an empty or unmatched folder is an error."""
+    labels = sorted(p.name for p in labels_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
+    if not labels:
+        raise DataError(f"{labels_dir}: the labels folder holds no .nii/.nii.gz files")
+    names = set(labels)
+    pool = tuple(i for i in ids if f"{i}{suffix}" in names)
+    if not pool:
+        raise DataError(f"none of the {len(labels)} label files in {labels_dir} has the name of an image in "
+                        f"{root} (labels like {labels[0]!r}, images like {ids[0] + suffix!r})")
+    return pool
 
 
 def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | None = None) -> DataSource:
@@ -107,9 +134,11 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
                     if p.name.endswith(NIFTI_SUFFIXES)}
         if len(suffixes) != 1:
             raise DataError(f"{root}: mixes .nii and .nii.gz files")
+        suffix = suffixes.pop()
         if list_file is not None:
-            ids = read_case_list(Path(list_file))
-        return DataSource(root, "folders", tuple(ids), {"train": ids}, Path(labels_dir), suffixes.pop())
+            ids = _listed(read_case_list(Path(list_file)), ids, Path(list_file), root)
+        pool = _labeled_pool(ids, Path(labels_dir), suffix, root)
+        return DataSource(root, "folders", tuple(ids), {"train": ids}, Path(labels_dir), suffix, pool)
     if (root / "images").is_dir():
         splits_path = root / "splits.json"
         splits: dict[str, list[str]] = {}
@@ -120,7 +149,8 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
                 raise DataError(f"{splits_path}: not valid JSON ({e})") from None
             splits = {k: list(v) for k, v in raw.items() if isinstance(v, list)}
         if list_file is not None:
-            ids = read_case_list(Path(list_file))
+            found = [p.name[: -len(".nii.gz")] for p in (root / "images").glob("*.nii.gz")]
+            ids = _listed(read_case_list(Path(list_file)), found, Path(list_file), root / "images")
         elif "train" in splits:
             ids = splits["train"]
         else:
@@ -158,8 +188,7 @@ def make_split(source: DataSource, n_labeled: int, n_unlabeled: int | None, n_va
     removed from training. Validation labels are read only for validation."""
     ids = list(source.case_ids)
     if labeled_ids is None:
-        named = source.splits.get(f"labeled_{n_labeled}")
-        labeled_ids = named if named is not None else ids[:n_labeled]
+        labeled_ids = _default_labeled(source, n_labeled)
     labeled_ids = list(labeled_ids)
     if not labeled_ids:
         raise DataError("the labeled list is empty: every recipe needs at least one labeled case")
@@ -169,16 +198,33 @@ def make_split(source: DataSource, n_labeled: int, n_unlabeled: int | None, n_va
     rest = [i for i in ids if i not in set(labeled_ids)]
     if n_val:
         if n_val > len(rest):
-            raise DataError(f"cannot carve {n_val} validation cases from {len(rest)} non-labeled cases")
+            raise DataError(f"asked for {n_val} validation cases, but only {len(rest)} of the {len(ids)} cases "
+                            f"are left after the {len(labeled_ids)} labeled ones")
         val_ids, rest = rest[len(rest) - n_val:], rest[: len(rest) - n_val]
     else:
         val_ids = []
     unl_ids = rest if n_unlabeled is None else rest[:n_unlabeled]
     if n_unlabeled is not None and len(unl_ids) < n_unlabeled:
-        raise DataError(f"asked for {n_unlabeled} unlabeled cases, only {len(rest)} available")
+        raise DataError(f"asked for {n_unlabeled} unlabeled cases, but only {len(rest)} of the {len(ids)} cases "
+                        f"are left after {len(labeled_ids)} labeled and {len(val_ids)} validation cases")
     return Split(tuple(source.labeled(i) for i in labeled_ids),
                  tuple(source.unlabeled(i) for i in unl_ids),
                  tuple(source.labeled(i) for i in val_ids))
+
+
+def _default_labeled(source: DataSource, n: int) -> list[str]:
+    """splits.json's `labeled_<n>` when present, else the first `n` cases that have labels."""
+    named = source.splits.get(f"labeled_{n}")
+    if named is not None:
+        if len(named) != n:
+            raise DataError(f"{source.root}: splits.json's labeled_{n} lists {len(named)} cases, not {n}")
+        return list(named)
+    pool = list(source.labeled_pool if source.labeled_pool is not None else source.case_ids)
+    if len(pool) < n:
+        have = (f"only {len(pool)} of its {len(source.case_ids)} images have a label"
+                if source.labeled_pool is not None else f"the data set has {len(pool)} cases")
+        raise DataError(f"asked for {n} labeled cases, but {have}")
+    return pool[:n]
 
 
 def find_la2018() -> Path | None:

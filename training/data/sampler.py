@@ -10,14 +10,33 @@ number of DataLoader workers.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from dtml_deploy.errors import DataError
+
+if TYPE_CHECKING:
+    from dtml_deploy.io.datasets import Split
+    from training.config import TrainConfig
 
 Key = tuple[int, int]  # (dataset index, augmentation seed)
 
 
 def _perm(seed: int, rank: int, stream: int, n_pass: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, rank, stream, n_pass]).permutation(n)
+
+
+def check_batch_composition(split: Split, cfg: TrainConfig) -> None:
+    """Refuse a split that cannot fill the configured batches, saying where the cases went."""
+    n_l, n_u, n_v = len(split.labeled), len(split.unlabeled), len(split.validation)
+    if cfg.labeled_bs > n_l:
+        raise DataError(f"labeled_bs={cfg.labeled_bs} needs at least {cfg.labeled_bs} labeled cases, the split "
+                        f"has {n_l}; lower --labeled-bs or raise --labeled")
+    if cfg.unlabeled_bs and n_u == 0:
+        raise DataError(f"unlabeled_bs={cfg.unlabeled_bs} needs unlabeled cases, but the {n_l + n_v} cases of "
+                        f"the data set all went to the {n_l} labeled and {n_v} validation cases; lower "
+                        "--labeled or --val-cases, add cases, or train labeled-only with --unlabeled-bs 0")
 
 
 class TwoStreamSampler:

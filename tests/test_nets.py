@@ -10,6 +10,7 @@ from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.nets import DualTaskNet, VNet, sdm_to_mask
 from dtml_deploy.nets.fold import fold_batchnorm
 from dtml_deploy.nets.vnet import count_parameters
+from export.verify import randomise_batchnorm
 
 
 def test_parameter_count_matches_the_paper():
@@ -85,13 +86,7 @@ def test_sdm_to_mask_sign_convention():
 
 def test_fold_batchnorm_matches_float64_reference():
     torch.manual_seed(0)
-    net = DualTaskNet(NetConfig(n_filters=4)).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.3, 3.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+    net = randomise_batchnorm(DualTaskNet(NetConfig(n_filters=4))).eval()
     folded = fold_batchnorm(net)
     assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
     x = torch.randn(2, 1, 32, 32, 16)

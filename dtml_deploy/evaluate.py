@@ -79,6 +79,9 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
         seconds = time.perf_counter() - t
         row = _score(seg.mask.astype(bool), _binary(lab.array, case.label.path), img.spacing, case.case_id)
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
+        if seg.qc is not None:
+            row.update(qc_score=seg.qc.score, qc_flagged=seg.qc.flagged,
+                       **{f"qc_{k}": v for k, v in seg.qc.parts.items()})
         rows.append(row)
         if progress is not None:
             progress(case.case_id)

@@ -13,6 +13,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import GridSpec
 from dtml_deploy.engine.sliding import EngineConfig
 from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.qc import warning_line
 from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name
 
 
@@ -29,7 +30,8 @@ class SegmentRequest:
     stride: tuple[int, int, int] | None = None
     batch: int | None = None  # None: default_batch(device)
     blend: str = "gaussian"
-    head: str = "seg"
+    head: str = EngineConfig.head
+    tta: bool = EngineConfig.tta
     qc: bool = True
     lcc: bool = True
     resample: bool = True
@@ -65,7 +67,7 @@ def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
     return EngineConfig(
         grid=GridSpec(overlap=req.overlap, stride=req.stride), blend=req.blend, head=head,  # type: ignore[arg-type]
         qc=req.qc and both, keep_prob=req.save_prob, keep_sdm=req.save_sdm,
-        keep_uncertainty=req.save_uncertainty and both)
+        keep_uncertainty=req.save_uncertainty and both, keep_heads=req.qc and both, tta=req.tta)
 
 
 def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmenter:
@@ -126,13 +128,17 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
                 s = sum(rep.seconds.values())
                 agree = f", head agreement {rep.agreement:.3f}" if rep.agreement is not None else ""
                 windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
-                err.print(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree})", highlight=False)
+                score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
+                err.print(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})", highlight=False)
+                flagged = warning_line(name, rep.qc)
+                if flagged:
+                    err.print(f"  {flagged}", highlight=False)
             else:
                 print(f"error: {rep.error}", file=sys.stderr)
     if req.json_report is not None:
         report = {"backend": backend.describe(), "model": str(req.model), "bundle_hash": bundle.content_hash,
                   "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
-                             "batch": backend.options.batch, "lcc": req.lcc},
+                             "batch": backend.options.batch, "lcc": req.lcc, "tta": req.tta},
                   "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
         atomic_write_text(req.json_report, json.dumps(report, indent=2) + "\n")
     return reports

@@ -20,6 +20,7 @@ from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import InputError, OutOfMemory
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
+from dtml_deploy.qc import QCResult, assess, reference_of
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
 
@@ -46,6 +47,7 @@ class Segmentation:
     seconds: dict[str, float]
     resampled: bool
     intensity: str = "zscore"
+    qc: QCResult | None = None  # with both heads and a bundle that carries a QC reference
 
 
 @dataclass
@@ -63,6 +65,7 @@ class CaseReport:
     foreground_voxels: int | None = None
     resampled: bool | None = None
     intensity: str | None = None
+    qc: dict[str, Any] | None = None  # score, threshold, flagged, parts, features (see dtml_deploy/qc.py)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +113,7 @@ class Segmenter:
                                          replace(engine_cfg, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
+        qc = self._assess(x, res, seconds)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
         if resampled:
             t = time.perf_counter()
@@ -124,7 +128,19 @@ class Segmenter:
             t = time.perf_counter()
             mask = largest_component(mask)
             seconds["lcc"] = time.perf_counter() - t
-        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity)
+        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc)
+
+    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float]) -> QCResult | None:
+        """The QC score on the network's grid, when both heads ran and the bundle is calibrated."""
+        ref = reference_of(self.bundle.meta)
+        if ref is None or res.p_seg is None or res.p_dis is None:
+            return None
+        t = time.perf_counter()
+        cfg = self.options.engine
+        qc = assess(x, res.p_seg, res.p_dis, cfg.head, ref, cfg.threshold, self.bundle.model.spacing,
+                    self.options.lcc, res.tta_spread)
+        seconds["qc"] = time.perf_counter() - t
+        return qc
 
     def segment_file(self, path: Path, out_dir: Path, overwrite: bool = False,
                      progress: Any = None) -> CaseReport:
@@ -158,6 +174,7 @@ class Segmenter:
             report.foreground_voxels = int(seg.mask.sum())
             report.resampled = seg.resampled
             report.intensity = seg.intensity
+            report.qc = seg.qc.to_dict() if seg.qc is not None else None
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
         except (InputError, OutOfMemory) as e:
             report.error = str(e)

@@ -39,7 +39,9 @@ class EngineConfig:
 
     grid: GridSpec = field(default_factory=GridSpec)
     blend: Literal["constant", "gaussian"] = "gaussian"
-    head: Head = "seg"  # seg: p_seg (the paper's); sdm: p_dis; mean: (p_seg + p_dis) / 2
+    # seg: p_seg (the paper's); sdm: p_dis; mean: (p_seg + p_dis) / 2, the most accurate measured on the
+    # 64 unlabeled LA cases (benchmarks/results/qc_calibration_cpu.json), hence the default.
+    head: Head = "mean"
     threshold: float = 0.5
     qc: bool = True  # run both heads to report their agreement (and allow an uncertainty map)
     keep_prob: bool = False

@@ -287,7 +287,9 @@ def analyse_phase(args: argparse.Namespace) -> None:
         "cases_per_config": {k: len(v) for k, v in by_cfg.items()},
         "table_all_cases": head_table(rows, set.union(*by_cfg.values())),
         "table_common_cases": head_table(rows, common), "common_cases": len(common),
-        "feature_auroc": aurocs, "qc": qc_result, "qc_reference": qc_ref, "cases": rows}
+        "feature_auroc": aurocs,
+        "feature_auroc_tta": feature_aurocs([r for r in rows if r["config"] == "dtml-tta" and r["head"] == args.head]),
+        "qc": qc_result, "qc_reference": qc_ref, "cases": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     print(json.dumps({k: doc[k] for k in ("cases_per_config", "feature_auroc", "qc")}, indent=1))

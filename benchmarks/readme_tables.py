@@ -52,8 +52,9 @@ def speed_table(doc: dict, title: str) -> str:
 
 def accuracy_table(doc: dict) -> str:
     names = {"paper_seg": "paper protocol (stride 18/18/4, constant, fp32, LCC), M_s",
-             "default_seg": "dtml default (overlap 0.5, Gaussian, fp16, LCC), M_s",
-             "default_sdm": "dtml default, M_d (sigmoid(-k sdm))", "default_mean": "dtml default, mean of both heads"}
+             "default_seg": "dtml grid (overlap 0.5, Gaussian, fp16, LCC), M_s (--head seg)",
+             "default_sdm": "dtml grid, M_d (sigmoid(-k sdm), --head sdm)",
+             "default_mean": "dtml grid, mean of both heads (--head mean, the default)"}
     lines = ["| evaluation | Dice % | Jaccard % | ASD vox | 95HD vox | median Dice % "
              "| cases flagged (agreement < 0.8) |",
              "|---|---|---|---|---|---|---|",
@@ -78,7 +79,8 @@ def _config_rows(rows: list[dict]) -> list[str]:
         forwards = f" ({r['forwards']:.0f} forwards)" if r["forwards"] != r["windows"] else ""
         out.append(f"| {r['protocol']} | {'on' if r['tta'] else 'off'} | {r['head']} | {r['precision']} | "
                    f"{r['cases']} | {100 * r['dice']:.2f} | {100 * r['jaccard']:.2f} | {r['hd95']:.2f}{hd_missing} | "
-                   f"{r['asd']:.2f} | {100 * r['median_dice']:.1f} | {r['seconds']:.1f} | {r['windows']:.1f}{forwards} |")
+                   f"{r['asd']:.2f} | {100 * r['median_dice']:.1f} | {r['seconds']:.1f} | "
+                   f"{r['windows']:.1f}{forwards} |")
     return out
 
 

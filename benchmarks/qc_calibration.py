@@ -68,6 +68,8 @@ def segment_phase(args: argparse.Namespace) -> None:
     if data is None:
         sys.exit("error: LA2018 not found (set DTML_DATA)")
     ids = json.loads((data / "splits.json").read_text())[args.cases][: args.limit]
+    if args.reverse:  # a second worker from the other end; a case both reach is simply done twice
+        ids = ids[::-1]
     out = args.cache / f"{args.config}-{args.precision}"
     out.mkdir(parents=True, exist_ok=True)
     engine, bundle, describe = engine_for(args.config, args.precision, args.batch)
@@ -320,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     seg.add_argument("--batch", type=int, default=4)
     seg.add_argument("--cases", default="unlabeled_16")
     seg.add_argument("--limit", type=int, default=None)
+    seg.add_argument("--reverse", action="store_true", help="work through the cases from the last one")
     seg.add_argument("--cache", type=Path, default=CACHE)
     ref = sub.add_parser("reference")
     ref.add_argument("--labeled", default="labeled_16")

@@ -150,3 +150,25 @@ def test_console_warns_and_json_carries_the_score(tmp_path: Path) -> None:
     assert set(qc["parts"]) == {"agreement", "volume", "intensity"} and "intensity_smoothness" in qc["features"]
     line = [ln.strip() for ln in r.output.splitlines() if "QC score" in ln and ln.strip().startswith("warning:")]
     assert line == [warning_line("noise", qc)]
+
+
+def test_evaluate_rows_carry_the_score_and_its_parts(sample_root: Path, tmp_path: Path,
+                                                     shipped_ref: QCReference) -> None:
+    """A small random bundle given the shipped calibration: every row has the score, its parts and the flag,
+    consistent with each other."""
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(n_filters=4, patch=(32, 32, 32))
+    bundle.meta["qc"] = shipped_ref.to_dict()
+    path = bundle.save(tmp_path / "bundle")
+    r = CliRunner().invoke(app, ["evaluate", "--model", str(path), "--data", str(sample_root), "--cases", "labeled_2",
+                                 "--backend", "torch", "--device", "cpu", "--no-progress", "--overlap", "0",
+                                 "--batch", "9", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "e.json").read_text())["cases"]
+    assert len(rows) == 2
+    for row in rows:
+        parts = [row["qc_agreement"], row["qc_volume"], row["qc_intensity"]]
+        assert all(0.0 <= p <= 1.0 for p in parts)
+        assert row["qc_score"] == pytest.approx(float(np.prod(parts)))
+        assert row["qc_flagged"] is (row["qc_score"] < shipped_ref.threshold)

@@ -209,18 +209,18 @@ def precision_recall(scores: list[float], dice: list[float], threshold: float, b
 
 
 def choose_threshold(scores: list[float], dice: list[float], bound: float) -> float:
-    """The cut between two neighbouring scores that maximises Youden's J (recall + specificity - 1)."""
+    """The cut between two neighbouring scores with the best F1 for catching cases under `bound` (F1, not
+    Youden's J: failures are rare, and J would trade many false alarms for one more catch)."""
     s = sorted(set(scores))
     cuts = [(a + b) / 2 for a, b in itertools.pairwise(s)] or [s[0]]
     failed = [d < bound for d in dice]
-    n_f, n_ok = sum(failed), len(failed) - sum(failed)
 
-    def youden(c: float) -> float:
+    def f1(c: float) -> float:
         tp = sum(x < c and f for x, f in zip(scores, failed))
-        fp = sum(x < c and not f for x, f in zip(scores, failed))
-        return (tp / n_f if n_f else 0.0) - (fp / n_ok if n_ok else 0.0)
+        flagged = sum(x < c for x in scores)
+        return 2 * tp / (flagged + sum(failed)) if flagged + sum(failed) else 0.0
 
-    return max(cuts, key=youden)
+    return max(cuts, key=f1)
 
 
 def calibrate(rows: list[dict], reference: dict, feature: str) -> tuple[dict, dict]:

@@ -18,6 +18,7 @@ import typer
 
 if TYPE_CHECKING:
     from dtml_deploy.bundle import Bundle
+    from dtml_deploy.protocol import Protocol
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="DTML: train, export, segment, evaluate and benchmark dual-task V-Nets.")
@@ -59,6 +60,11 @@ class BlendName(str, Enum):
     constant = "constant"
 
 
+class ProtocolName(str, Enum):
+    dtml = "dtml"
+    paper = "paper"
+
+
 class IntensityName(str, Enum):
     auto = "auto"
     zscore = "zscore"
@@ -98,13 +104,20 @@ ArtifactOpt = Annotated[Path | None, typer.Option(help="Prebuilt .onnx or .engin
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 PrecisionOpt = Annotated[PrecisionName | None,
                          typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
-OverlapOpt = Annotated[float, typer.Option(help="Window overlap fraction")]
+OverlapOpt = Annotated[float | None, typer.Option(help="Window overlap fraction (dtml protocol: 0.5)")]
 StrideOpt = Annotated[tuple[int, int, int] | None, typer.Option(help="Fixed stride X Y Z (paper: 18 18 4)")]
 BatchOpt = Annotated[int | None, typer.Option(
     help="Windows per forward (default: 8 on CUDA, the fastest measured on an H200; 4 on the CPU)")]
-BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: constant)")]
-HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
-LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
+BlendOpt = Annotated[BlendName | None, typer.Option(
+    help="Window blending (dtml protocol: gaussian; paper: constant)")]
+HeadOpt = Annotated[HeadName | None, typer.Option(
+    help="seg (paper) | sdm | mean of both (dtml protocol: mean, the most accurate measured)")]
+LccOpt = Annotated[bool | None, typer.Option(help="Keep the largest connected component (both protocols: on)")]
+TtaOpt = Annotated[bool | None, typer.Option(
+    help="Mirror test-time augmentation over x and y (4 passes per window; dtml protocol: off)")]
+ProtocolOpt = Annotated[ProtocolName, typer.Option(
+    help="dtml: the toolkit's defaults; paper: stride 18 18 4, constant blending, fp32, --head seg, LCC. "
+         "Explicit flags override dtml's values; under paper a contradicting flag is refused")]
 ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing and back")]
 IntensityOpt = Annotated[IntensityName, typer.Option(
     help="auto: z-score unless the scan is already z-scored (as LA2018 files are); zscore; none")]
@@ -295,6 +308,17 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
+def _protocol(protocol: ProtocolName, overlap: float | None, stride: tuple[int, int, int] | None,
+              blend: BlendName | None, precision: PrecisionName | None, head: HeadName | None,
+              lcc: bool | None, tta: bool | None) -> Protocol:
+    """The protocol's settings with the flags the user gave (dtml_deploy/protocol.py has the rule)."""
+    from dtml_deploy.protocol import resolve_protocol
+
+    return resolve_protocol(protocol.value, overlap=overlap, stride=tuple(stride) if stride else None,
+                            blend=blend.value if blend else None, precision=precision.value if precision else None,
+                            head=head.value if head else None, lcc=lcc, tta=tta)
+
+
 @app.command()
 def segment(
     inputs: Annotated[list[str], typer.Argument(
@@ -305,13 +329,15 @@ def segment(
     artifact: ArtifactOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
-    overlap: OverlapOpt = 0.5,
+    protocol: ProtocolOpt = ProtocolName.dtml,
+    overlap: OverlapOpt = None,
     stride: StrideOpt = None,
     batch: BatchOpt = None,
-    blend: BlendOpt = BlendName.gaussian,
-    head: HeadOpt = HeadName.seg,
-    qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = True,
-    lcc: LccOpt = True,
+    blend: BlendOpt = None,
+    head: HeadOpt = None,
+    tta: TtaOpt = None,
+    qc: Annotated[bool, typer.Option(help="Run both heads; report their agreement and the QC score")] = True,
+    lcc: LccOpt = None,
     resample: ResampleOpt = True,
     intensity: IntensityOpt = IntensityName.auto,
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = False,
@@ -335,6 +361,7 @@ def segment(
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks)."""
     with _user_errors():
+        from dtml_deploy.protocol import request_fields
         from dtml_deploy.runner import SegmentRequest, run_segment
 
         if preview:
@@ -342,13 +369,12 @@ def segment(
 
             require_matplotlib("--preview")
         model_path = _bundle_path(model)
-        prec = precision.value if precision else None
-        bundle, artifact = _load_for_backend(backend.value, model_path, artifact, prec, device)
+        proto = _protocol(protocol, overlap, stride, blend, precision, head, lcc, tta)
+        bundle, artifact = _load_for_backend(backend.value, model_path, artifact, proto.precision, device)
         req = SegmentRequest(
             inputs=_expand_inputs(inputs), output=output, model=model_path, backend=backend.value,
-            artifact=artifact, device=device, precision=prec,
-            overlap=overlap, stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
-            head=head.value, qc=qc, lcc=lcc, resample=resample, intensity=intensity.value, save_prob=save_prob,
+            artifact=artifact, device=device, **request_fields(proto), batch=batch,
+            qc=qc, resample=resample, intensity=intensity.value, save_prob=save_prob,
             save_sdm=save_sdm,
             save_uncertainty=save_uncertainty, output_format=output_format.value, preview=preview,
             overwrite=overwrite, json_report=json_report, compile=compile, cuda_graphs=cuda_graphs,
@@ -406,12 +432,14 @@ def evaluate(
     artifact: ArtifactOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
-    overlap: OverlapOpt = 0.5,
+    protocol: ProtocolOpt = ProtocolName.dtml,
+    overlap: OverlapOpt = None,
     stride: StrideOpt = None,
     batch: BatchOpt = None,
-    blend: BlendOpt = BlendName.gaussian,
-    head: HeadOpt = HeadName.seg,
-    lcc: LccOpt = True,
+    blend: BlendOpt = None,
+    head: HeadOpt = None,
+    tta: TtaOpt = None,
+    lcc: LccOpt = None,
     resample: ResampleOpt = True,
     intensity: IntensityOpt = IntensityName.auto,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
@@ -445,20 +473,18 @@ def evaluate(
             if data is None:
                 raise ValueError("--model needs --data (and usually --cases)")
             from dtml_deploy.io.datasets import open_source
+            from dtml_deploy.protocol import request_fields
             from dtml_deploy.runner import SegmentRequest, build_segmenter
 
             source = open_source(data, labels_dir=labels)
             ids = _case_list(source, cases) if cases else list(source.case_ids)
             model_path = _bundle_path(model)
-            bundle, artifact = _load_for_backend(backend.value, model_path, artifact,
-                                                 precision.value if precision else None, device)
+            proto = _protocol(protocol, overlap, stride, blend, precision, head, lcc, tta)
+            bundle, artifact = _load_for_backend(backend.value, model_path, artifact, proto.precision, device)
             req = SegmentRequest(inputs=[], output=Path("."), model=model_path, backend=backend.value,
-                                 artifact=artifact, device=device,
-                                 precision=precision.value if precision else None, overlap=overlap,
-                                 stride=tuple(stride) if stride else None, batch=batch, blend=blend.value,
-                                 head=head.value, qc=True, lcc=lcc, resample=resample,
-                                 intensity=intensity.value, spacing=_spacing(spacing), max_windows=max_windows,
-                                 save_uncertainty=report is not None)
+                                 artifact=artifact, device=device, **request_fields(proto), batch=batch,
+                                 qc=True, resample=resample, intensity=intensity.value, spacing=_spacing(spacing),
+                                 max_windows=max_windows, save_uncertainty=report is not None)
             segmenter = build_segmenter(req, bundle)
             typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
             done = []
@@ -468,8 +494,9 @@ def evaluate(
             _warn_guessed(rows, segmenter.bundle.model.spacing)
             extra = {"model": str(req.model), "bundle_hash": segmenter.bundle.content_hash,
                      "backend": segmenter.backend.describe(), "cases_from": cases,
-                     "engine": {"overlap": overlap, "stride": stride, "blend": blend.value, "head": head.value,
-                                "lcc": lcc}}
+                     "engine": {"protocol": proto.name, "overlap": proto.overlap, "stride": proto.stride,
+                                "blend": proto.blend, "head": proto.head, "tta": proto.tta, "lcc": proto.lcc,
+                                "precision": segmenter.backend.options.precision}}
         elif pred_dir is not None and gt_dir is not None:
             rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, _spacing(spacing), thumbs)
         else:

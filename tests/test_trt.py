@@ -145,9 +145,9 @@ def built(trt, tmp_path_factory):
         fp16 = precision == "fp16"
         onnx_path = export_onnx(bundle, out / f"model-{trt_build.onnx_precision_for(fp16)}.onnx",
                                 trt_build.onnx_precision_for(fp16))
-        engines[precision] = trt_build.build_engine(onnx_path, out / f"model-{precision}.engine", min_batch=1,
-                                                    opt_batch=2, max_batch=4, fp16=fp16, workspace_gb=1,
-                                                    timing_cache=cache, tf32=False)
+        options = trt_build.TrtBuildOptions(TrtProfile(1, 2, 4), fp16=fp16, workspace_gb=1, timing_cache=cache,
+                                            tf32=False)
+        engines[precision] = trt_build.build_engine(onnx_path, out / f"model-{precision}.engine", options)
     return bundle, engines, cache
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from dtml_deploy.nets.dual import sdm_to_mask
 Supervision = Literal["mask", "dis", "dis+mask"]
 SUPERVISIONS: tuple[str, ...] = ("mask", "dis", "dis+mask")
 Schedule = Literal["code", "paper"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def dice_loss(p: torch.Tensor, g: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

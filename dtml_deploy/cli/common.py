@@ -1,0 +1,168 @@
+"""What the commands share: choices built from the core's tuples, shared options, error handling.
+
+Every choice and default here is read from the core (tuples and dataclass fields), never restated, so an
+option cannot drift from what the code it drives does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, fields
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from dtml_deploy.backends.base import BACKENDS, DEVICE_CHOICES, PRECISIONS
+from dtml_deploy.engine.blending import BLENDS
+from dtml_deploy.engine.sliding import HEADS
+from dtml_deploy.intensity import POLICIES
+from dtml_deploy.io.formats import OUTPUT_FORMATS
+from dtml_deploy.runner import InferenceSettings
+
+if TYPE_CHECKING:
+    from dtml_deploy.bundle import Bundle
+
+DEFAULT_MODEL = Path(__file__).parent.parent / "default_model"
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum whose values are `values` (member names made identifiers: `nii.gz` -> `nii_gz`)."""
+    members = [("".join(c if c.isalnum() else "_" for c in v), v) for v in values]
+    return Enum(name, members, type=str, module=__name__)  # type: ignore[return-value]
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of dataclass `cls`'s field `name` (its factory's value for a factory field)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+BackendName = choices("BackendName", BACKENDS)
+PrecisionName = choices("PrecisionName", PRECISIONS)
+HeadName = choices("HeadName", HEADS)
+BlendName = choices("BlendName", BLENDS)
+IntensityName = choices("IntensityName", POLICIES)
+FormatName = choices("FormatName", OUTPUT_FORMATS)
+
+
+def value(choice: Enum | None) -> Any:
+    """An enum option's value (None stays None)."""
+    return None if choice is None else choice.value
+
+
+# Inference options shared by `segment`, `evaluate` and `benchmark` (one definition each).
+ModelOpt = Annotated[Path | None, typer.Option(help="Bundle folder (default: the shipped model)")]
+BackendOpt = Annotated[BackendName, typer.Option(help="Inference backend")]
+ArtifactOpt = Annotated[Path | None, typer.Option(help="Prebuilt .onnx or .engine for --backend onnx/trt")]
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_CHOICES.replace(", ", " | "))]
+PrecisionOpt = Annotated[PrecisionName | None,
+                         typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
+OverlapOpt = Annotated[float, typer.Option(help="Window overlap fraction")]
+StrideOpt = Annotated[tuple[int, int, int] | None, typer.Option(help="Fixed stride X Y Z (paper: 18 18 4)")]
+BatchOpt = Annotated[int | None, typer.Option(
+    help="Windows per forward (default: 8 on CUDA, the fastest measured on an H200; 4 on the CPU)")]
+BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: constant)")]
+HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
+LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
+ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing and back")]
+IntensityOpt = Annotated[IntensityName, typer.Option(
+    help="auto: z-score unless the scan is already z-scored (as LA2018 files are); zscore; none")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars")]
+SpacingOpt = Annotated[tuple[float, float, float] | None, typer.Option(
+    help="Voxel size X Y Z in mm for every input, replacing the files' own (h5 files have none)")]
+MaxWindowsOpt = Annotated[int | None, typer.Option(
+    help="Allow more sliding windows per case than the default bound (dtml_deploy/limits.py: WorkLimits)")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one `error:` line; the caller raises the returned Exit."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the toolkit's errors (and bad option values) into one line and exit code 2."""
+    from dtml_deploy.errors import DtmlError
+
+    try:
+        yield
+    except (DtmlError, ValueError, FileExistsError) as e:
+        raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def bundle_path(model: Path | None) -> Path:
+    """--model, or the shipped model (refused in one line when this copy has none)."""
+    if model is not None:
+        return model
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise fail("no default model is installed with this copy of dtml; pass --model BUNDLE_DIR")
+    return DEFAULT_MODEL
+
+
+def echo_err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def load_for_backend(backend: str, model: Path, artifact: Path | None, precision: str | None,
+                     device: str) -> tuple[Bundle, Path | None]:
+    """Load the bundle once; for onnx without --artifact also find (or make) its cached, verified export
+    in the precision the run will use (lazy import of export/)."""
+    from dtml_deploy.bundle import Bundle
+    from dtml_deploy.runner import default_precision
+
+    bundle = Bundle.load(model)
+    if backend != "onnx" or artifact is not None:
+        return bundle, artifact
+    from export.pipeline import cached_onnx
+
+    precision = precision or default_precision(device)
+    return bundle, cached_onnx(bundle, model, precision, echo_err)
+
+
+def checked_spacing(spacing: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+    """--spacing as given, or a one-line error for a size that is not finite and positive."""
+    if spacing is None:
+        return None
+    from dtml_deploy.io.geometry import check_spacing
+
+    return check_spacing(spacing, "--spacing", "option")
+
+
+def require_viz(option: str) -> None:
+    """Refuse an option that draws when matplotlib is missing, before any work."""
+    from dtml_deploy.viz.figure import require_matplotlib
+
+    require_matplotlib(option)
+
+
+def progress_echo(progress: bool) -> Callable[[str], None]:
+    """Progress lines on stderr, or nothing."""
+    return echo_err if progress else (lambda _: None)
+
+
+def setting(name: str) -> Any:
+    """The core default of an inference option (an InferenceSettings field)."""
+    return default_of(InferenceSettings, name)
+
+
+def inference_settings(model: Path, **options: Any) -> InferenceSettings:
+    """InferenceSettings from command options: enum choices become their values, --spacing is checked."""
+    given = {k: value(v) if isinstance(v, Enum) else v for k, v in options.items()}
+    given["spacing"] = checked_spacing(given.get("spacing"))
+    return InferenceSettings(model=model, **given)
+
+
+def exit_for_failures(n_failed: int, n_total: int) -> None:
+    """Exit 1 when some of several cases failed, 2 when all did; return when none did."""
+    if n_failed:
+        raise typer.Exit(1 if n_failed < n_total else 2)

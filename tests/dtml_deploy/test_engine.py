@@ -17,7 +17,7 @@ from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from tests.conftest import make_bundle
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reference import reference_sliding_window
 
 

@@ -244,7 +244,7 @@ def test_cpu_training_keeps_freed_host_memory(sample_root, tmp_path, monkeypatch
     monkeypatch.setattr(trainer_mod, "keep_freed_host_memory", lambda: calls.append(1) or True)
     Trainer(tiny(iterations=1), make_split(open_source(sample_root), 1, None), tmp_path / "m",
             show_progress=False).run()
-    assert calls == [1]  # the CPU run asked glibc to keep freed memory (tests/test_host_memory.py: effect)
+    assert calls == [1]  # the CPU run asked glibc to keep freed memory (tests/dtml_deploy/test_host_memory.py: effect)
 
 
 def test_resume_refuses_a_changed_recipe(sample_root, tmp_path):

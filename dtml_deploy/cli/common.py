@@ -7,6 +7,7 @@ option cannot drift from what the code it drives does.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, fields
 from enum import Enum
@@ -81,6 +82,54 @@ SpacingOpt = Annotated[tuple[float, float, float] | None, typer.Option(
     help="Voxel size X Y Z in mm for every input, replacing the files' own (h5 files have none)")]
 MaxWindowsOpt = Annotated[int | None, typer.Option(
     help="Allow more sliding windows per case than the default bound (dtml_deploy/limits.py: WorkLimits)")]
+
+
+def _shared(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+# The inference options `segment` and `evaluate` share, each defined once with its core default.
+SHARED_OPTIONS: dict[str, inspect.Parameter] = {p.name: p for p in (
+    _shared("backend", BackendOpt, BackendName(InferenceSettings.backend)),
+    _shared("artifact", ArtifactOpt, InferenceSettings.artifact),
+    _shared("device", DeviceOpt, InferenceSettings.device),
+    _shared("precision", PrecisionOpt, InferenceSettings.precision),
+    _shared("overlap", OverlapOpt, InferenceSettings.overlap),
+    _shared("stride", StrideOpt, InferenceSettings.stride),
+    _shared("batch", BatchOpt, InferenceSettings.batch),
+    _shared("blend", BlendOpt, BlendName(InferenceSettings.blend)),
+    _shared("head", HeadOpt, HeadName(InferenceSettings.head)),
+    _shared("lcc", LccOpt, InferenceSettings.lcc),
+    _shared("resample", ResampleOpt, InferenceSettings.resample),
+    _shared("intensity", IntensityOpt, IntensityName(InferenceSettings.intensity)),
+    _shared("spacing", SpacingOpt, InferenceSettings.spacing),
+    _shared("max_windows", MaxWindowsOpt, InferenceSettings.max_windows),
+)}
+
+
+class Shared:
+    """A run of SHARED_OPTIONS, as the default of a placeholder parameter of a command (see `with_shared`)."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+
+ENGINE_OPTIONS = Shared("backend", "artifact", "device", "precision", "overlap", "stride", "batch", "blend", "head")
+POST_OPTIONS = Shared("lcc", "resample", "intensity")
+INPUT_OPTIONS = Shared("spacing", "max_windows")
+
+
+def with_shared(command: Callable[..., None]) -> Callable[..., None]:
+    """Replace each placeholder parameter whose default is a `Shared` run by those options; the command
+    receives them in its **options."""
+    params = []
+    for p in inspect.signature(command, eval_str=True).parameters.values():
+        if isinstance(p.default, Shared):
+            params.extend(SHARED_OPTIONS[n] for n in p.default.names)
+        elif p.kind is not inspect.Parameter.VAR_KEYWORD:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return command
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

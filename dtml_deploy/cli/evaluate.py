@@ -9,25 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from dtml_deploy.cli.common import (
-    ArtifactOpt,
-    BackendName,
-    BackendOpt,
-    BatchOpt,
-    BlendName,
-    BlendOpt,
-    DeviceOpt,
-    HeadName,
-    HeadOpt,
-    IntensityName,
-    IntensityOpt,
-    LccOpt,
-    MaxWindowsOpt,
-    OverlapOpt,
-    PrecisionOpt,
+    ENGINE_OPTIONS,
+    INPUT_OPTIONS,
+    POST_OPTIONS,
     ProgressOpt,
-    ResampleOpt,
-    SpacingOpt,
-    StrideOpt,
     bundle_path,
     checked_spacing,
     echo_err,
@@ -35,9 +20,9 @@ from dtml_deploy.cli.common import (
     inference_settings,
     load_for_backend,
     require_viz,
-    setting,
     user_errors,
     value,
+    with_shared,
 )
 
 
@@ -147,6 +132,7 @@ def _check_outputs(json_out: Path | None, csv_out: Path | None, report: Path | N
     return Thumbnails()
 
 
+@with_shared
 def evaluate(
     pred_dir: Annotated[Path | None, typer.Argument(help="Folder of predicted masks")] = None,
     gt_dir: Annotated[Path | None, typer.Argument(help="Folder of labels (same case names)")] = None,
@@ -154,28 +140,18 @@ def evaluate(
     data: Annotated[Path | None, typer.Option(help="Data root for --model (LA2018, h5 or folder layout)")] = None,
     labels: Annotated[Path | None, typer.Option(help="Labels folder for a generic folder pair")] = None,
     cases: Annotated[str | None, typer.Option(help="Split name in splits.json, file of ids, or id,id,...")] = None,
-    backend: BackendOpt = BackendName(setting("backend")),
-    artifact: ArtifactOpt = setting("artifact"),
-    device: DeviceOpt = setting("device"),
-    precision: PrecisionOpt = setting("precision"),
-    overlap: OverlapOpt = setting("overlap"),
-    stride: StrideOpt = setting("stride"),
-    batch: BatchOpt = setting("batch"),
-    blend: BlendOpt = BlendName(setting("blend")),
-    head: HeadOpt = HeadName(setting("head")),
-    lcc: LccOpt = setting("lcc"),
-    resample: ResampleOpt = setting("resample"),
-    intensity: IntensityOpt = IntensityName(setting("intensity")),
+    engine: Any = ENGINE_OPTIONS,
+    post: Any = POST_OPTIONS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write per-case rows and summary as JSON")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-case rows as CSV")] = None,
     report: Annotated[Path | None, typer.Option(
         help="Write a self-contained HTML report: summary, sortable cases with previews, charts (needs dtml[viz])")]
         = None,
     progress: ProgressOpt = True,
-    spacing: SpacingOpt = setting("spacing"),
-    max_windows: MaxWindowsOpt = setting("max_windows"),
+    inputs_: Any = INPUT_OPTIONS,
     ignore_geometry: Annotated[bool, typer.Option(
         help="Score a prediction whose affine differs from its label's (the shapes must still match)")] = False,
+    **options: Any,
 ) -> None:
     """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
     with user_errors():
@@ -184,13 +160,11 @@ def evaluate(
         if model is not None or data is not None:
             if data is None:
                 raise ValueError("--model needs --data (and usually --cases)")
-            options = dict(backend=backend, artifact=artifact, device=device, precision=precision, overlap=overlap,
-                           stride=stride, batch=batch, blend=blend, head=head, lcc=lcc, resample=resample,
-                           intensity=intensity, spacing=spacing, max_windows=max_windows,
-                           save_uncertainty=report is not None)
+            options["save_uncertainty"] = report is not None
             rows, extra = _score_with_model(data, labels, cases, model, options, progress, ignore_geometry, visit)
         elif pred_dir is not None and gt_dir is not None:
-            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, checked_spacing(spacing), visit)
+            rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, checked_spacing(options["spacing"]),
+                                             visit)
         else:
             raise ValueError("give PRED_DIR GT_DIR, or --model BUNDLE --data DIR [--cases LIST]")
         n_failed, summary = _print_and_write(rows, json_out, csv_out, extra)

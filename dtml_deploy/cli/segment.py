@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from dtml_deploy.cli.common import (
-    ArtifactOpt,
-    BackendName,
-    BackendOpt,
-    BatchOpt,
-    BlendName,
-    BlendOpt,
-    DeviceOpt,
+    ENGINE_OPTIONS,
+    INPUT_OPTIONS,
+    POST_OPTIONS,
     FormatName,
-    HeadName,
-    HeadOpt,
-    IntensityName,
-    IntensityOpt,
-    LccOpt,
-    MaxWindowsOpt,
     ModelOpt,
-    OverlapOpt,
-    PrecisionOpt,
     ProgressOpt,
-    ResampleOpt,
-    SpacingOpt,
-    StrideOpt,
     bundle_path,
     default_of,
     exit_for_failures,
@@ -39,6 +24,7 @@ from dtml_deploy.cli.common import (
     setting,
     user_errors,
     value,
+    with_shared,
 )
 from dtml_deploy.runner import SegmentJob
 
@@ -62,24 +48,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
+@with_shared
 def segment(
     inputs: Annotated[list[str], typer.Argument(
         help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
-    backend: BackendOpt = BackendName(setting("backend")),
-    artifact: ArtifactOpt = setting("artifact"),
-    device: DeviceOpt = setting("device"),
-    precision: PrecisionOpt = setting("precision"),
-    overlap: OverlapOpt = setting("overlap"),
-    stride: StrideOpt = setting("stride"),
-    batch: BatchOpt = setting("batch"),
-    blend: BlendOpt = BlendName(setting("blend")),
-    head: HeadOpt = HeadName(setting("head")),
+    engine: Any = ENGINE_OPTIONS,
     qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = setting("qc"),
-    lcc: LccOpt = setting("lcc"),
-    resample: ResampleOpt = setting("resample"),
-    intensity: IntensityOpt = IntensityName(setting("intensity")),
+    post: Any = POST_OPTIONS,
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = setting("save_prob"),
     save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = setting("save_sdm"),
     save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")]
@@ -99,8 +76,8 @@ def segment(
     cudnn_fusion: Annotated[bool | None, typer.Option(
         help="Fused cuDNN conv+ReLU (torch backend; default on for CUDA)")] = setting("cudnn_fusion"),
     progress: ProgressOpt = default_of(SegmentJob, "progress"),
-    spacing: SpacingOpt = setting("spacing"),
-    max_windows: MaxWindowsOpt = setting("max_windows"),
+    inputs_: Any = INPUT_OPTIONS,
+    **options: Any,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks)."""
     from dtml_deploy.runner import run_segment
@@ -109,13 +86,12 @@ def segment(
         if preview:
             require_viz("--preview")
         model_path = bundle_path(model)
-        bundle, artifact = load_for_backend(backend.value, model_path, artifact, value(precision), device)
+        bundle, artifact = load_for_backend(value(options["backend"]), model_path, options.pop("artifact"),
+                                            value(options["precision"]), options["device"])
         settings = inference_settings(
-            model_path, backend=backend, artifact=artifact, device=device, precision=precision, overlap=overlap,
-            stride=stride, batch=batch, blend=blend, head=head, qc=qc, lcc=lcc, resample=resample,
-            intensity=intensity, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
-            output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
-            cudnn_fusion=cudnn_fusion, spacing=spacing, max_windows=max_windows)
+            model_path, artifact=artifact, qc=qc, save_prob=save_prob, save_sdm=save_sdm,
+            save_uncertainty=save_uncertainty, output_format=output_format, preview=preview, compile=compile,
+            cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, **options)
         job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
         reports = run_segment(job, settings, bundle)

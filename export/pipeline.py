@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,6 @@ class ExportResult:
     seconds: float
     size_bytes: int
     verification: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def central_patch(case: Path, bundle: Bundle) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""DTML's losses (see ../shared/reference/dtml_method.md), all reduced in fp32.
+"""DTML's losses (the paper's equations, in the released code's form where they differ), all reduced in fp32.
 
 - `seg_loss`: 0.5 * (BCE-with-logits + Dice) for M_s on the labeled half;
 - `dis_loss`: M_d's supervision: `mask` (Dice of sigmoid(-k d) vs the label), `dis` (L2 of d to the

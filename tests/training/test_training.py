@@ -287,8 +287,8 @@ def test_other_recipes_train(sample_root, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_train_cli_acceptance_command(la2018, tmp_path):
-    """The issue's acceptance command (30 iterations, n_filters 4, patch 48 48 32) on the real data set."""
+def test_train_cli_short_real_run(la2018, tmp_path):
+    """A short `dtml train` run (30 iterations, n_filters 4, patch 48 48 32) on the real data set."""
     from typer.testing import CliRunner
 
     from dtml_deploy.cli import app

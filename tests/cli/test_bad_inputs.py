@@ -21,11 +21,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
-from tests.conftest import make_bundle
+from tests.conftest import centred_bundle_dir
+from tests.conftest import crop_real_case as _crop
+from tests.conftest import sample_ids as _ids
 
 PATCH = 32
 CPU = ["--backend", "torch", "--device", "cpu", "--no-progress"]
@@ -35,17 +36,6 @@ PIXDIM = 76  # byte offset of pixdim[0] in a NIfTI-1 header (8 float32)
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _ids(sample_root: Path) -> list[str]:
-    return sorted(p.name[: -len(".nii.gz")] for p in (sample_root / "images").glob("*.nii.gz"))
-
-
-def _crop(sample_root: Path, cid: str, size: tuple[int, int, int], folder: str = "images") -> nib.Nifti1Image:
-    """A real sub-volume centred on the atrium; nibabel's slicer keeps the world geometry."""
-    img = nib.load(str(sample_root / folder / f"{cid}.nii.gz"))
-    lab = np.asarray(nib.load(str(sample_root / "labels" / f"{cid}.nii.gz")).dataobj) > 0
-    centre = ndi.center_of_mass(lab)
-    start = [int(np.clip(round(c - s / 2), 0, n - s)) for c, s, n in zip(centre, size, img.shape)]
-    return img.slicer[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
 
 def _cli(*args: str | Path):
@@ -114,8 +104,7 @@ def _read_only_target(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_dir(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    crop = _crop(sample_root, _ids(sample_root)[0], (PATCH,) * 3).get_fdata(dtype=np.float32)
-    return make_bundle(centre_on=crop).save(tmp_path_factory.mktemp("bundle") / "bundle")
+    return centred_bundle_dir(sample_root, tmp_path_factory.mktemp("bundle"), PATCH)
 
 
 @pytest.fixture(scope="module")

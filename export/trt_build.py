@@ -92,11 +92,6 @@ class TrtBuildOptions:
             raise ValueError(f"workspace_gb must be positive, got {self.workspace_gb}")
 
 
-def check_build_options(min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float) -> TrtProfile:
-    """The batch profile, once the options are known to be buildable (ValueError otherwise)."""
-    return TrtBuildOptions(TrtProfile(min_batch, opt_batch, max_batch), workspace_gb=workspace_gb).profile
-
-
 def build_engine(onnx_path: Path, engine_path: Path, options: TrtBuildOptions | None = None) -> TrtBuild:
     """Build and write `engine_path` (atomically) plus its sidecar; see the module docstring."""
     options = options or TrtBuildOptions()

@@ -49,7 +49,10 @@ def _shown_default(name: str) -> str | bool:
     default = core_default(name)
     if default is None:
         return False
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    if isinstance(default, bool):  # as click shows a flag's default
+        shown = ("" if default else "no-") + name.replace("_", "-")
+    else:
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else str(default)
     return f"recipe's; dtml: {shown}" if any(name in r for r in RECIPES.values()) else shown
 
 

@@ -77,6 +77,8 @@ def test_every_option_default_is_its_core_default(command: str) -> None:
             assert got is None, name
             shown = params[name].show_default
             text = " ".join(map(str, expected)) if isinstance(expected, tuple) else str(expected)
+            if isinstance(expected, bool):
+                text = ("" if expected else "no-") + name.replace("_", "-")
             assert shown is False if expected is None else str(shown).endswith(text), (name, shown, expected)
         else:
             assert got == expected, f"{command} --{name.replace('_', '-')}: {got!r} != {cls.__name__}.{field_name}"

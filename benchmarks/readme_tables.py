@@ -8,6 +8,7 @@ Sources (each written by the script named in its table's caption):
   results/la_eval_h200.json                                          <- the evaluation of reproduce_la.sh
   ../dtml_deploy/default_model/config.json                           <- the training run itself
   results/metrics_speed_cpu.json, results/backend_speed_cpu.json     <- metrics_speed.py / backend_speed.py --json
+  results/qc_calibration_cpu.json                                    <- qc_calibration.py analyse
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def speed_table(doc: dict, title: str) -> str:
 
 def accuracy_table(doc: dict) -> str:
     names = {"paper_seg": "paper protocol (stride 18/18/4, constant, fp32, LCC), M_s",
-             "default_seg": "dtml default (overlap 0.5, Gaussian, fp16, LCC), M_s",
-             "default_sdm": "dtml default, M_d (sigmoid(-k sdm))", "default_mean": "dtml default, mean of both heads"}
+             "default_seg": "dtml grid (overlap 0.5, Gaussian, fp16, LCC), M_s (--head seg)",
+             "default_sdm": "dtml grid, M_d (sigmoid(-k sdm), --head sdm)",
+             "default_mean": "dtml grid, mean of both heads (--head mean, the default)"}
     lines = ["| evaluation | Dice % | Jaccard % | ASD vox | 95HD vox | median Dice % "
              "| cases flagged (agreement < 0.8) |",
              "|---|---|---|---|---|---|---|",
@@ -68,6 +70,53 @@ def accuracy_table(doc: dict) -> str:
                      f"{100 * s['jaccard']['mean']:.2f} | {s['asd']['mean']:.2f} | {s['hd95']['mean']:.2f} | "
                      f"{100 * median:.1f} | {flagged} |")
     return "\n".join(lines)
+
+
+def _config_rows(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        hd_missing = f" ({r['hd95_missing']} empty)" if r.get("hd95_missing") else ""
+        forwards = f" ({r['forwards']:.0f} forwards)" if r["forwards"] != r["windows"] else ""
+        out.append(f"| {r['protocol']} | {'on' if r['tta'] else 'off'} | {r['head']} | {r['precision']} | "
+                   f"{r['cases']} | {100 * r['dice']:.2f} | {100 * r['jaccard']:.2f} | {r['hd95']:.2f}{hd_missing} | "
+                   f"{r['asd']:.2f} | {100 * r['median_dice']:.1f} | {r['seconds']:.1f} | "
+                   f"{r['windows']:.1f}{forwards} |")
+    return out
+
+
+def head_tta_protocol_table(doc: dict, gpu: dict | None) -> str:
+    """Head x TTA x protocol on the 64 unlabeled cases, every configuration from the same run per case."""
+    header = ["| protocol | TTA | head | precision | cases | Dice % | Jaccard % | 95HD vox | ASD vox | median Dice % "
+              "| s/case | windows/case |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"All cases segmented by each configuration ({doc['machine']}; {doc['precision_note']}):", "",
+             *header, *_config_rows([r for r in doc["table_all_cases"] if not r["tta"]])]
+    if gpu and "paper_seg" in gpu:
+        s, rows = gpu["paper_seg"]["summary"], gpu["paper_seg"]["rows"]
+        median = statistics.median(r["dice"] for r in rows)
+        lines.append(f"| paper (fp32 on the H200, la_eval_h200.json) | off | seg | fp32 | {len(rows)} | "
+                     f"{100 * s['dice']['mean']:.2f} | {100 * s['jaccard']['mean']:.2f} | {s['hd95']['mean']:.2f} | "
+                     f"{s['asd']['mean']:.2f} | {100 * median:.1f} | | |")
+    tta = [r for r in doc["table_common_cases"] if r["config"] in ("dtml", "dtml-tta")]
+    if any(r["tta"] for r in tta):
+        lines += ["", f"TTA against none on the {doc['common_cases']} cases that the TTA run covered:", "",
+                  *header, *_config_rows(tta)]
+    return "\n".join(lines)
+
+
+def qc_table(doc: dict) -> str:
+    """The QC score's AUROC and its threshold's precision and recall on the calibration cases."""
+    qc = doc["qc"]
+    lines = [f"QC score on {doc['calibrated_on']}; agreement part from `{qc['feature']}`, threshold "
+             f"{qc['threshold']}:", "",
+             "| failure | failures | AUROC | flagged | true positives | precision | recall |",
+             "|---|---|---|---|---|---|---|"]
+    for key, at in qc["at_threshold"].items():
+        prec = "" if at["precision"] is None else f"{at['precision']:.2f}"
+        rec = "" if at["recall"] is None else f"{at['recall']:.2f}"
+        lines.append(f"| {key.replace('dice', 'Dice ')} | {at['failures']} | {fmt(qc['auroc'][key], 3)} | "
+                     f"{at['flagged']} | {at['true_positives']} | {prec} | {rec} |")
+    feats = ", ".join(f"{k} {fmt(v['dice<0.85'], 2)}" for k, v in doc["feature_auroc"].items())
+    return "\n".join([*lines, "", f"AUROC of single features for Dice < 0.85: {feats}."])
 
 
 def training_table() -> str:
@@ -111,6 +160,12 @@ def main() -> None:
     if doc:
         print("**Accuracy of the shipped model** (`benchmarks/device/reproduce_la.sh`)\n")
         print(accuracy_table(doc), end="\n\n")
+    doc = load("qc_calibration_cpu.json")
+    if doc:
+        print("**Head x TTA x protocol, 64 unlabeled cases** (`benchmarks/qc_calibration.py`)\n")
+        print(head_tta_protocol_table(doc, load("la_eval_h200.json")), end="\n\n")
+        print("**QC score** (`benchmarks/qc_calibration.py`)\n")
+        print(qc_table(doc), end="\n\n")
     doc = load("dtml_benchmark_cpu.json")
     if doc:
         print("**Backends side by side with the shipped model**\n")

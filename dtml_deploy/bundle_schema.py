@@ -18,7 +18,7 @@ from dtml_deploy.checks import is_int
 from dtml_deploy.errors import BundleError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-META_KEYS = frozenset({"recipe", "data_fingerprint", "training"})  # what a bundle's `meta` may hold
+META_KEYS = frozenset({"recipe", "data_fingerprint", "training", "qc"})  # what a bundle's `meta` may hold
 TOP_KEYS = frozenset({"format", "format_version", "dtml_version", "model", "weights"}) | META_KEYS
 WEIGHT_KEYS = frozenset({"dtype", "files", "n_tensors", "content_hash"})
 SHARD_SUFFIX = ".safetensors"
@@ -42,10 +42,30 @@ def check_top_level(config: dict[str, Any], cfg_path: Path) -> None:
         if key in config and config[key] is not None and not isinstance(config[key], kind):
             raise _fail(cfg_path, f"{key} must be a {'string' if kind is str else 'JSON object'}, "
                                   f"got {type(config[key]).__name__}")
+    if config.get("qc") is not None:
+        check_qc(config["qc"], cfg_path)
     trained = (config.get("training") or {}).get("trained")
     if trained is not None and not (isinstance(trained, list) and trained
                                     and all(t in _NETWORKS for t in trained) and len(set(trained)) == len(trained)):
         raise _fail(cfg_path, f"training.trained must be a non-empty list of {list(_NETWORKS)}, got {trained!r}")
+
+
+def check_qc(qc: Any, cfg_path: Path) -> None:
+    """The calibrated QC reference (dtml_deploy/qc.py): every field present, numbers finite."""
+    import math
+
+    from dtml_deploy.qc import QCReference
+
+    if not isinstance(qc, dict):
+        raise _fail(cfg_path, f"qc must be a JSON object, got {type(qc).__name__}")
+    try:
+        ref = QCReference.from_dict(qc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(cfg_path, f"qc: missing or malformed field ({type(e).__name__}: {e})") from None
+    numbers = [*ref.volume_ml, *ref.intensity_quantiles, ref.intensity_distance, ref.point_mass, ref.smoothness,
+               *ref.agreement_scale, ref.threshold]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
+        raise _fail(cfg_path, "qc: every number must be finite")
 
 
 def check_weights(weights: Any, cfg_path: Path) -> tuple[str, dict[str, str]]:

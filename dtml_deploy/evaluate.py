@@ -172,6 +172,9 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         if img.guessed:
             row["geometry_guessed"] = ",".join(img.guessed)
+        if seg.qc is not None:
+            row.update(qc_score=seg.qc.score, qc_threshold=seg.qc.threshold, qc_flagged=seg.qc.flagged,
+                       **{f"qc_{k}": v for k, v in seg.qc.parts.items()})
         if visit is not None:
             visit(case.case_id, mask=seg.mask, label=lab.array, spacing=img.spacing, affine=img.affine,
                   image=img.array, uncertainty=seg.uncertainty)

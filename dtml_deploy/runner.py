@@ -17,6 +17,7 @@ from dtml_deploy.errors import InputError
 from dtml_deploy.io.geometry import guessed_geometry_note
 from dtml_deploy.io.reports import check_report_path, write_report_text
 from dtml_deploy.limits import WorkLimits
+from dtml_deploy.qc import warning_line
 from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name, output_is_file
 
 
@@ -35,6 +36,7 @@ class InferenceSettings:
     batch: int | None = None  # None: default_batch(device)
     blend: str = EngineConfig.blend
     head: str = EngineConfig.head
+    tta: bool = EngineConfig.tta
     qc: bool = EngineConfig.qc
     lcc: bool = SegmentOptions.lcc
     resample: bool = SegmentOptions.resample
@@ -83,7 +85,7 @@ def engine_config(req: InferenceSettings, bundle: Bundle) -> EngineConfig:
     return EngineConfig(
         grid=GridSpec(overlap=req.overlap, stride=req.stride), blend=req.blend, head=head,  # type: ignore[arg-type]
         qc=req.qc and both, keep_prob=req.save_prob, keep_sdm=req.save_sdm,
-        keep_uncertainty=req.save_uncertainty and both)
+        keep_uncertainty=req.save_uncertainty and both, keep_heads=req.qc and both, tta=req.tta)
 
 
 def build_segmenter(req: InferenceSettings, bundle: Bundle | None = None) -> Segmenter:
@@ -164,13 +166,17 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                 s = sum(rep.seconds.values())
                 agree = f", head agreement {rep.agreement:.3f}" if rep.agreement is not None else ""
                 windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
-                err.print(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree})", highlight=False)
+                score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
+                err.print(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})", highlight=False)
+                flagged = warning_line(name, rep.qc)
+                if flagged:
+                    err.print(f"  {flagged}", highlight=False)
             else:
                 print(f"error: {rep.error}", file=sys.stderr)
     if job.json_report is not None:
         report = {"backend": backend.describe(), "model": str(req.model), "bundle_hash": bundle.content_hash,
                   "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
-                             "batch": backend.options.batch, "lcc": req.lcc},
+                             "batch": backend.options.batch, "lcc": req.lcc, "tta": req.tta},
                   "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
         write_report_text(job.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
     return reports

@@ -23,6 +23,7 @@ from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.limits import WorkLimits, case_bytes, check_memory, check_voxels, check_windows, seconds_per_window
+from dtml_deploy.qc import QCResult, assess, reference_of
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
 # Output names that make `-o` a file rather than a folder (one input only): the single-file formats written.
@@ -72,6 +73,7 @@ class Segmentation:
     seconds: dict[str, float]
     resampled: bool
     intensity: str = "zscore"
+    qc: QCResult | None = None  # with both heads and a bundle that carries a QC reference
 
 
 @dataclass
@@ -91,6 +93,7 @@ class CaseReport:
     resampled: bool | None = None
     intensity: str | None = None
     geometry_guessed: list[str] | None = None  # what the file lacked and was assumed (h5: spacing, orientation)
+    qc: dict[str, Any] | None = None  # score, threshold, flagged, parts, features (see dtml_deploy/qc.py)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +148,7 @@ class Segmenter:
                                          replace(engine.config, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
+        qc = self._assess(x, res, seconds)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
         if resampled:
             t = time.perf_counter()
@@ -159,7 +163,19 @@ class Segmenter:
             t = time.perf_counter()
             mask = largest_component(mask)
             seconds["lcc"] = time.perf_counter() - t
-        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity)
+        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc)
+
+    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float]) -> QCResult | None:
+        """The QC score on the network's grid, when both heads ran and the bundle is calibrated."""
+        ref = reference_of(self.bundle.meta)
+        if ref is None or res.p_seg is None or res.p_dis is None:
+            return None
+        t = time.perf_counter()
+        cfg = self.options.engine
+        qc = assess(x, res.p_seg, res.p_dis, cfg.head, ref, cfg.threshold, self.bundle.model.spacing,
+                    self.options.lcc, res.tta_spread)
+        seconds["qc"] = time.perf_counter() - t
+        return qc
 
     def check_work(self, shape: tuple[int, ...], work_shape: tuple[int, ...], name: str) -> None:
         """Refuse, before allocating, a case whose voxels, windows or memory exceed `options.limits`."""
@@ -228,6 +244,7 @@ class Segmenter:
             report.foreground_voxels = int(seg.mask.sum())
             report.resampled = seg.resampled
             report.intensity = seg.intensity
+            report.qc = seg.qc.to_dict() if seg.qc is not None else None
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"

@@ -21,6 +21,7 @@ from dtml_deploy.engine.blending import BLENDS
 from dtml_deploy.engine.sliding import HEADS
 from dtml_deploy.intensity import POLICIES
 from dtml_deploy.io.formats import OUTPUT_FORMATS
+from dtml_deploy.protocol import DTML, PROTOCOLS, Protocol
 from dtml_deploy.runner import InferenceSettings
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ HeadName = choices("HeadName", HEADS)
 BlendName = choices("BlendName", BLENDS)
 IntensityName = choices("IntensityName", POLICIES)
 FormatName = choices("FormatName", OUTPUT_FORMATS)
+ProtocolName = choices("ProtocolName", tuple(PROTOCOLS))
 
 
 def value(choice: Enum | None) -> Any:
@@ -67,13 +69,20 @@ ArtifactOpt = Annotated[Path | None, typer.Option(help="Prebuilt .onnx or .engin
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_CHOICES.replace(", ", " | "))]
 PrecisionOpt = Annotated[PrecisionName | None,
                          typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
-OverlapOpt = Annotated[float, typer.Option(help="Window overlap fraction")]
+OverlapOpt = Annotated[float | None, typer.Option(help="Window overlap fraction (dtml protocol: 0.5)")]
 StrideOpt = Annotated[tuple[int, int, int] | None, typer.Option(help="Fixed stride X Y Z (paper: 18 18 4)")]
 BatchOpt = Annotated[int | None, typer.Option(
     help="Windows per forward (default: 8 on CUDA, the fastest measured on an H200; 4 on the CPU)")]
-BlendOpt = Annotated[BlendName, typer.Option(help="Window blending (paper: constant)")]
-HeadOpt = Annotated[HeadName, typer.Option(help="seg (paper) | sdm | mean of both")]
-LccOpt = Annotated[bool, typer.Option(help="Keep the largest connected component")]
+BlendOpt = Annotated[BlendName | None, typer.Option(
+    help="Window blending (dtml protocol: gaussian; paper: constant)")]
+HeadOpt = Annotated[HeadName | None, typer.Option(
+    help="seg (paper) | sdm | mean of both (dtml protocol: mean, the most accurate measured)")]
+LccOpt = Annotated[bool | None, typer.Option(help="Keep the largest connected component (both protocols: on)")]
+TtaOpt = Annotated[bool | None, typer.Option(
+    help="Mirror test-time augmentation over x and y (4 passes per window; dtml protocol: off)")]
+ProtocolOpt = Annotated[ProtocolName, typer.Option(
+    help="dtml: the toolkit's defaults; paper: stride 18 18 4, constant blending, fp32, --head seg, LCC. "
+         "Explicit flags override dtml's values; under paper a contradicting flag is refused")]
 ResampleOpt = Annotated[bool, typer.Option(help="Resample to the model's spacing and back")]
 IntensityOpt = Annotated[IntensityName, typer.Option(
     help="auto: z-score unless the scan is already z-scored (as LA2018 files are); zscore; none")]
@@ -88,18 +97,21 @@ def _shared(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-# The inference options `segment` and `evaluate` share, each defined once with its core default.
+# The inference options `segment` and `evaluate` share, each defined once with its core default. The
+# settings a protocol fixes (dtml_deploy/protocol.py) default to None: "the protocol's value".
 SHARED_OPTIONS: dict[str, inspect.Parameter] = {p.name: p for p in (
     _shared("backend", BackendOpt, BackendName(InferenceSettings.backend)),
     _shared("artifact", ArtifactOpt, InferenceSettings.artifact),
     _shared("device", DeviceOpt, InferenceSettings.device),
-    _shared("precision", PrecisionOpt, InferenceSettings.precision),
-    _shared("overlap", OverlapOpt, InferenceSettings.overlap),
-    _shared("stride", StrideOpt, InferenceSettings.stride),
+    _shared("precision", PrecisionOpt, None),
+    _shared("protocol", ProtocolOpt, ProtocolName(DTML.name)),
+    _shared("overlap", OverlapOpt, None),
+    _shared("stride", StrideOpt, None),
     _shared("batch", BatchOpt, InferenceSettings.batch),
-    _shared("blend", BlendOpt, BlendName(InferenceSettings.blend)),
-    _shared("head", HeadOpt, HeadName(InferenceSettings.head)),
-    _shared("lcc", LccOpt, InferenceSettings.lcc),
+    _shared("blend", BlendOpt, None),
+    _shared("head", HeadOpt, None),
+    _shared("tta", TtaOpt, None),
+    _shared("lcc", LccOpt, None),
     _shared("resample", ResampleOpt, InferenceSettings.resample),
     _shared("intensity", IntensityOpt, IntensityName(InferenceSettings.intensity)),
     _shared("spacing", SpacingOpt, InferenceSettings.spacing),
@@ -114,7 +126,8 @@ class Shared:
         self.names = names
 
 
-ENGINE_OPTIONS = Shared("backend", "artifact", "device", "precision", "overlap", "stride", "batch", "blend", "head")
+ENGINE_OPTIONS = Shared("backend", "artifact", "device", "precision", "protocol", "overlap", "stride", "batch", "blend",
+                        "head", "tta")
 POST_OPTIONS = Shared("lcc", "resample", "intensity")
 INPUT_OPTIONS = Shared("spacing", "max_windows")
 
@@ -162,20 +175,21 @@ def echo_err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def load_for_backend(backend: str, model: Path, artifact: Path | None, precision: str | None,
-                     device: str) -> tuple[Bundle, Path | None]:
+def load_for_backend(settings: InferenceSettings) -> tuple[Bundle, InferenceSettings]:
     """Load the bundle once; for onnx without --artifact also find (or make) its cached, verified export
-    in the precision the run will use (lazy import of export/)."""
+    in the precision the run will use (lazy import of export/) and name it as the artifact."""
+    from dataclasses import replace
+
     from dtml_deploy.bundle import Bundle
     from dtml_deploy.runner import default_precision
 
-    bundle = Bundle.load(model)
-    if backend != "onnx" or artifact is not None:
-        return bundle, artifact
+    bundle = Bundle.load(settings.model)
+    if settings.backend != "onnx" or settings.artifact is not None:
+        return bundle, settings
     from export.pipeline import cached_onnx
 
-    precision = precision or default_precision(device)
-    return bundle, cached_onnx(bundle, model, precision, echo_err)
+    precision = settings.precision or default_precision(settings.device)
+    return bundle, replace(settings, artifact=cached_onnx(bundle, settings.model, precision, echo_err))
 
 
 def checked_spacing(spacing: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
@@ -204,11 +218,16 @@ def setting(name: str) -> Any:
     return default_of(InferenceSettings, name)
 
 
-def inference_settings(model: Path, **options: Any) -> InferenceSettings:
-    """InferenceSettings from command options: enum choices become their values, --spacing is checked."""
+def inference_settings(model: Path, **options: Any) -> tuple[InferenceSettings, Protocol]:
+    """InferenceSettings from command options: enum choices become their values, the protocol's settings
+    are resolved with the flags given (dtml_deploy/protocol.py has the rule), --spacing is checked."""
+    from dtml_deploy.protocol import request_fields, resolve_protocol
+
     given = {k: value(v) if isinstance(v, Enum) else v for k, v in options.items()}
+    explicit = {k: given.pop(k) for k in ("overlap", "stride", "blend", "precision", "head", "lcc", "tta")}
+    protocol = resolve_protocol(given.pop("protocol", DTML.name), **explicit)
     given["spacing"] = checked_spacing(given.get("spacing"))
-    return InferenceSettings(model=model, **given)
+    return InferenceSettings(model=model, **request_fields(protocol), **given), protocol
 
 
 def exit_for_failures(n_failed: int, n_total: int) -> None:

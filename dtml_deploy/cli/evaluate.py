@@ -21,7 +21,6 @@ from dtml_deploy.cli.common import (
     load_for_backend,
     require_viz,
     user_errors,
-    value,
     with_shared,
 )
 
@@ -61,9 +60,8 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     source = open_source(data, labels_dir=labels)
     ids = case_list(source, cases) if cases else list(source.case_ids)
     model_path = bundle_path(model)
-    bundle, artifact = load_for_backend(value(options["backend"]), model_path, options.pop("artifact"),
-                                        value(options["precision"]), options["device"])
-    settings = inference_settings(model_path, artifact=artifact, qc=True, **options)
+    settings, proto = inference_settings(model_path, qc=True, **options)
+    bundle, settings = load_for_backend(settings)
     segmenter = build_segmenter(settings, bundle)
     typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
     done: list[str] = []
@@ -73,8 +71,9 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     _warn_guessed(rows, segmenter.bundle.model.spacing)
     extra = {"model": str(settings.model), "bundle_hash": segmenter.bundle.content_hash,
              "backend": segmenter.backend.describe(), "cases_from": cases,
-             "engine": {"overlap": settings.overlap, "stride": settings.stride, "blend": settings.blend,
-                        "head": settings.head, "lcc": settings.lcc}}
+             "engine": {"protocol": proto.name, "overlap": proto.overlap, "stride": proto.stride,
+                        "blend": proto.blend, "head": proto.head, "tta": proto.tta, "lcc": proto.lcc,
+                        "precision": segmenter.backend.options.precision}}
     return rows, extra
 
 

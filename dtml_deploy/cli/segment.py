@@ -23,7 +23,6 @@ from dtml_deploy.cli.common import (
     require_viz,
     setting,
     user_errors,
-    value,
     with_shared,
 )
 from dtml_deploy.runner import SegmentJob
@@ -55,7 +54,8 @@ def segment(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
     engine: Any = ENGINE_OPTIONS,
-    qc: Annotated[bool, typer.Option(help="Run both heads and report their agreement")] = setting("qc"),
+    qc: Annotated[bool, typer.Option(help="Run both heads; report their agreement and the QC score")]
+        = setting("qc"),
     post: Any = POST_OPTIONS,
     save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = setting("save_prob"),
     save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = setting("save_sdm"),
@@ -86,12 +86,11 @@ def segment(
         if preview:
             require_viz("--preview")
         model_path = bundle_path(model)
-        bundle, artifact = load_for_backend(value(options["backend"]), model_path, options.pop("artifact"),
-                                            value(options["precision"]), options["device"])
-        settings = inference_settings(
-            model_path, artifact=artifact, qc=qc, save_prob=save_prob, save_sdm=save_sdm,
-            save_uncertainty=save_uncertainty, output_format=output_format, preview=preview, compile=compile,
-            cuda_graphs=cuda_graphs, cudnn_fusion=cudnn_fusion, **options)
+        settings, _ = inference_settings(
+            model_path, qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
+            output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
+            cudnn_fusion=cudnn_fusion, **options)
+        bundle, settings = load_for_backend(settings)
         job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
         reports = run_segment(job, settings, bundle)

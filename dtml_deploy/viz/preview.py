@@ -231,6 +231,8 @@ def qc_of(*sources: object) -> tuple[float | None, str]:
     sources = tuple(s for s in sources if s is not None)
     for src in sources:
         score = src.get("qc_score") if isinstance(src, dict) else getattr(src, "qc_score", None)
+        qc = None if isinstance(src, dict) else getattr(src, "qc", None)  # a Segmentation's QCResult
+        score = getattr(qc, "score", score)
         if score is not None:
             return float(score), "QC"
     for src in sources:

@@ -55,7 +55,10 @@ class Thumbnails:
 def qc_column(rows: list[dict[str, Any]], options: ReportOptions) -> tuple[str | None, float | None]:
     """The score to plot Dice against and its flag threshold: `qc_score` when every row has one, else
     the heads' `agreement`; (None, None) when rows carry neither (scoring mask folders)."""
-    for key, threshold in (("qc_score", options.qc_flag), ("agreement", options.agreement_flag)):
+    # the QC threshold the rows were flagged with (the bundle's), unless the options set one
+    recorded = {r.get("qc_threshold") for r in rows} - {None}
+    qc_flag = options.qc_flag if options.qc_flag is not None or len(recorded) != 1 else recorded.pop()
+    for key, threshold in (("qc_score", qc_flag), ("agreement", options.agreement_flag)):
         if rows and all(r.get(key) is not None for r in rows):
             return key, threshold
     return None, None

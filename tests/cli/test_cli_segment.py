@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
+from dtml_deploy.engine.sliding import EngineConfig
 from tests.conftest import centred_bundle_dir
 from tests.conftest import crop_real_case as _crop_real_case
 from tests.conftest import sample_ids as _ids
@@ -121,10 +122,10 @@ def default_run(scans: Path, bundle_dir: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture(scope="module")
 def maps_run(scans: Path, bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One case, head seg, every extra map."""
+    """One case, head seg (the paper's, not the default), every extra map."""
     out = tmp_path_factory.mktemp("maps_out")
     src = sorted(scans.glob("*.nii.gz"))[0]
-    result = _cli("segment", src, "-o", out, "--model", bundle_dir, *CPU, "--save-prob", "--save-sdm",
+    result = _cli("segment", src, "-o", out, "--model", bundle_dir, *CPU, "--head", "seg", "--save-prob", "--save-sdm",
                   "--save-uncertainty", "--json", out / "r.json")
     return result, out, src
 
@@ -139,7 +140,8 @@ def test_folder_segments_every_case_and_reports(default_run, scans: Path, sample
     ids = _ids(sample_root)
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in ids)
     report = json.loads((out / "report.json").read_text())
-    assert report["engine"]["head"] == "seg" and report["engine"]["lcc"] is True
+    assert report["engine"]["head"] == EngineConfig.head == "mean" and report["engine"]["lcc"] is True
+    assert report["engine"]["tta"] is False
     assert report["engine"]["batch"] == 4  # the CPU default (8 on CUDA: tests/test_gpu.py)
     cases = {Path(c["input"]).name: c for c in report["cases"]}
     assert sorted(cases) == sorted(f"{i}.nii.gz" for i in ids)

@@ -11,6 +11,7 @@ import pytest
 import typer.main
 
 from dtml_deploy.cli import app
+from dtml_deploy.protocol import DTML, Protocol
 from dtml_deploy.runner import InferenceSettings, SegmentJob
 from export.benchmark import BenchmarkRequest
 from export.pipeline import ExportRequest
@@ -19,6 +20,10 @@ from training.losses import ConsistencyConfig
 
 # (core class, field) each option sets, per command; the option name when it differs from the field.
 _SEGMENT = {f.name: (InferenceSettings, f.name) for f in fields(InferenceSettings) if f.name != "model"}
+_SEGMENT["protocol"] = (Protocol, "name")  # the default protocol: DTML (its fields below)
+# Settings a protocol fixes: the option's default is None ("the protocol's"), and the default protocol's
+# value must be the core default of the setting.
+PROTOCOL_SET = {f.name for f in fields(Protocol)} - {"name"}
 _JOB = {"overwrite": (SegmentJob, "overwrite"), "json_report": (SegmentJob, "json_report"),
         "progress": (SegmentJob, "progress")}
 CORE: dict[str, dict[str, tuple[type, str]]] = {
@@ -70,8 +75,12 @@ def test_every_option_default_is_its_core_default(command: str) -> None:
         core = CORE.get(command, {})
     assert set(params) == set(core) | CLI_ONLY[command], "an option is neither a core field nor listed CLI-only"
     for name, (cls, field_name) in core.items():
-        expected = _default_of(cls, field_name)
+        expected = DTML.name if cls is Protocol else _default_of(cls, field_name)
         got = _plain(params[name].default)
+        if command != "train" and name in PROTOCOL_SET:
+            assert got is None, f"{command} --{name}: the protocol sets it"
+            assert getattr(DTML, name) == expected, f"the dtml protocol's {name} is not InferenceSettings'"
+            continue
         if command == "train" and name != "recipe":
             # None keeps the recipe's value; --help shows the core default (the dtml recipe's)
             assert got is None, name

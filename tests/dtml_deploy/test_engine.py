@@ -173,7 +173,8 @@ def test_gaussian_blending_matches_a_brute_force_weighted_average(rng):
         den[sl] += w3
     expected = num / den
     backend = create_backend("torch", bundle, BackendOptions(device="cpu", batch=3), ("p_seg", "p_dis"))
-    res = SlidingWindowEngine(backend, patch, EngineConfig(grid=grid, blend="gaussian", keep_prob=True)).run(vol)
+    res = SlidingWindowEngine(backend, patch, EngineConfig(grid=grid, blend="gaussian", head="seg",
+                                                                    keep_prob=True)).run(vol)
     assert np.abs(res.prob - expected).max() < 1e-5  # fp32 accumulation and folded BN vs float64
 
 
@@ -239,7 +240,7 @@ def test_out_of_memory_is_a_clear_error(rng):
 
     vol = rng.standard_normal((40, 40, 40)).astype(np.float32)
     with pytest.raises(OutOfMemory, match=r"host ran out of memory on a 40x40x40 volume \(batch 3\); lower --batch"):
-        SlidingWindowEngine(Exhausted(("p_seg",)), (16, 16, 16), EngineConfig(qc=False)).run(vol)
+        SlidingWindowEngine(Exhausted(("p_seg",)), (16, 16, 16), EngineConfig(head="seg", qc=False)).run(vol)
 
 
 def test_backend_output_order_does_not_matter(rng):

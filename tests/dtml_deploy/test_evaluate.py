@@ -255,7 +255,8 @@ def test_model_mode_end_to_end(tiny_bundle_dir: Path, sample_root: Path, tmp_pat
     report = json.loads(js.read_text())
     assert [row["case"] for row in report["cases"]] == wanted
     assert report["cases_from"] == "labeled_2"
-    assert report["engine"]["head"] == "seg" and report["engine"]["overlap"] == 0.0
+    assert report["engine"]["head"] == "mean" and report["engine"]["overlap"] == 0.0
+    assert report["engine"]["protocol"] == "dtml" and report["engine"]["tta"] is False
     for row in report["cases"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["jaccard"] <= 1.0
         assert row["windows"] == 3 * 3 * 2  # 80x72x56 tiled by non-overlapping 32^3 windows

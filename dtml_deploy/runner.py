@@ -78,6 +78,8 @@ def engine_config(req: InferenceSettings, bundle: Bundle) -> EngineConfig:
     trained = (bundle.meta.get("training") or {}).get("trained", ["seg", "dis"])
     both = "seg" in trained and "dis" in trained
     head = req.head
+    if not both and head == "mean":  # the mean of the heads a single-network bundle has is its one head
+        head = "seg" if "seg" in trained else "sdm"
     if not both and head != ("seg" if "seg" in trained else "sdm"):
         raise ValueError(f"this bundle trained only {trained}; --head {head} needs the other network")
     if req.save_uncertainty and not both:

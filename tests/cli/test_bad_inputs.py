@@ -606,15 +606,21 @@ def test_both_empty_cases_are_left_out_of_every_mean_and_counted(sample_root: Pa
     assert "both masks empty" in r.stdout
 
 
-@pytest.mark.parametrize("which", ["json", "csv"])
-@pytest.mark.parametrize("where", ["folder", "read-only"])
-def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_root: Path, gt_dir: Path,
-                                                 tmp_path: Path) -> None:
+def _label_as_prediction(sample_root: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A folder `pred` holding the first sample case's label as its prediction; (folder, case id)."""
     cid = _ids(sample_root)[0]
     pred = tmp_path / "pred"
     pred.mkdir()
     mask, like = _label(sample_root, cid)
     _save(pred / f"{cid}.nii.gz", mask, like.affine)
+    return pred, cid
+
+
+@pytest.mark.parametrize("which", ["json", "csv"])
+@pytest.mark.parametrize("where", ["folder", "read-only"])
+def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_root: Path, gt_dir: Path,
+                                                 tmp_path: Path) -> None:
+    pred, _ = _label_as_prediction(sample_root, tmp_path)
     if where == "folder":
         target = tmp_path / f"report.{which}"
         target.mkdir()
@@ -627,11 +633,8 @@ def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_r
 @pytest.mark.parametrize("extra", [["x.nii", "x.nii.gz"]], ids=["two-files-one-case"])
 def test_evaluate_two_predictions_for_one_case(extra: list[str], sample_root: Path, gt_dir: Path,
                                               tmp_path: Path) -> None:
-    cid = _ids(sample_root)[0]
-    pred = tmp_path / "pred"
-    pred.mkdir()
+    pred, cid = _label_as_prediction(sample_root, tmp_path)
     mask, like = _label(sample_root, cid)
-    _save(pred / f"{cid}.nii.gz", mask, like.affine)
     _save(pred / f"{cid}.nii", mask, like.affine)
     r = _cli("evaluate", pred, gt_dir)
     _one_error(r, 2, cid, "two predictions")

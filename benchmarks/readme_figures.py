@@ -27,7 +27,7 @@ from dtml_deploy.cli import DEFAULT_MODEL  # noqa: E402
 from dtml_deploy.evaluate import score_model  # noqa: E402
 from dtml_deploy.io.datasets import open_source  # noqa: E402
 from dtml_deploy.metrics import summarise  # noqa: E402
-from dtml_deploy.runner import SegmentRequest, build_segmenter, run_segment  # noqa: E402
+from dtml_deploy.runner import InferenceSettings, SegmentJob, build_segmenter, run_segment  # noqa: E402
 from dtml_deploy.viz.bench_plot import write_benchmark_plot  # noqa: E402
 from dtml_deploy.viz.curves import write_curves  # noqa: E402
 from dtml_deploy.viz.report import PAPER, Thumbnails, write_html_report  # noqa: E402
@@ -40,14 +40,13 @@ CASE = "SN4LF8SGBSRQUPTDSX78"  # the README's quick-start scan
 
 def preview() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        req = SegmentRequest(inputs=[SAMPLE / "images" / f"{CASE}.nii.gz"], output=Path(tmp), model=DEFAULT_MODEL,
-                             device="cpu", preview=True, progress=False)
-        (rep,) = run_segment(req)
+        job = SegmentJob(inputs=[SAMPLE / "images" / f"{CASE}.nii.gz"], output=Path(tmp), progress=False)
+        (rep,) = run_segment(job, InferenceSettings(model=DEFAULT_MODEL, device="cpu", preview=True))
         shutil.copy(rep.preview, DOCS / "preview.png")
 
 
 def sample_report() -> None:
-    req = SegmentRequest(inputs=[], output=Path("."), model=DEFAULT_MODEL, device="cpu", save_uncertainty=True)
+    req = InferenceSettings(model=DEFAULT_MODEL, device="cpu", save_uncertainty=True)
     segmenter = build_segmenter(req)
     source = open_source(SAMPLE)
     thumbs = Thumbnails()

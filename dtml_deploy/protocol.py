@@ -75,6 +75,6 @@ def resolve_protocol(name: str, **explicit: Any) -> Protocol:
 
 
 def request_fields(p: Protocol) -> dict[str, Any]:
-    """A protocol's settings as SegmentRequest keyword arguments (the overlap is unused under a stride)."""
+    """A protocol's settings as InferenceSettings keyword arguments (the overlap is unused under a stride)."""
     return {"overlap": GridSpec().overlap if p.overlap is None else p.overlap, "stride": p.stride,
             "blend": p.blend, "precision": p.precision, "head": p.head, "lcc": p.lcc, "tta": p.tta}

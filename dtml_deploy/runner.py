@@ -1,11 +1,11 @@
-"""The core of `dtml segment`: a typed request in, per-case reports out."""
+"""The core of `dtml segment`: inference settings and a file job in, per-case reports out."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dtml_deploy.backend_choice import resolve_backend
@@ -22,38 +22,46 @@ from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name
 
 
 @dataclass(frozen=True)
-class SegmentRequest:
-    inputs: list[Path]
-    output: Path
+class InferenceSettings:
+    """How a bundle segments a scan: backend, engine, pre/post-processing and the maps it keeps.
+    The defaults are the engine's own (EngineConfig, GridSpec, SegmentOptions, BackendOptions)."""
+
     model: Path
     backend: str = "auto"
     artifact: Path | None = None
-    device: str = "auto"
+    device: str = BackendOptions.device
     precision: str | None = None  # None: fp16 on CUDA, fp32 on CPU
-    overlap: float = 0.5
-    stride: tuple[int, int, int] | None = None
+    overlap: float = GridSpec.overlap
+    stride: tuple[int, int, int] | None = GridSpec.stride
     batch: int | None = None  # None: default_batch(device)
-    blend: str = "gaussian"
+    blend: str = EngineConfig.blend
     head: str = EngineConfig.head
     tta: bool = EngineConfig.tta
-    qc: bool = True
-    lcc: bool = True
-    resample: bool = True
-    intensity: str = "auto"
-    save_prob: bool = False
-    save_sdm: bool = False
-    save_uncertainty: bool = False
-    output_format: str = "auto"  # the input's family (io/formats.py)
-    preview: bool = False  # <case>_preview.png beside the mask (needs matplotlib)
-    overwrite: bool = False
-    json_report: Path | None = None
-    compile: bool = False
+    qc: bool = EngineConfig.qc
+    lcc: bool = SegmentOptions.lcc
+    resample: bool = SegmentOptions.resample
+    intensity: str = SegmentOptions.intensity
+    save_prob: bool = EngineConfig.keep_prob
+    save_sdm: bool = EngineConfig.keep_sdm
+    save_uncertainty: bool = EngineConfig.keep_uncertainty
+    output_format: str = SegmentOptions.output_format
+    preview: bool = SegmentOptions.preview
+    compile: bool = BackendOptions.compile
     cuda_graphs: bool | None = None  # None: on for the torch backend on CUDA
     cudnn_fusion: bool | None = None  # None: on for the torch backend on CUDA
-    progress: bool = True
-    spacing: tuple[float, float, float] | None = None  # overrides every input's voxel sizes
+    spacing: tuple[float, float, float] | None = SegmentOptions.spacing  # overrides every input's voxel sizes
     max_windows: int | None = None  # None: WorkLimits' default
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Which files `dtml segment` reads and where its results go."""
+
+    inputs: list[Path]
+    output: Path
+    overwrite: bool = False
+    json_report: Path | None = None
+    progress: bool = True
 
 
 def default_precision(device: str) -> str:
@@ -66,10 +74,12 @@ def default_batch(device: str) -> int:
     return 8 if resolve_device(device).type == "cuda" else 4
 
 
-def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
+def engine_config(req: InferenceSettings, bundle: Bundle) -> EngineConfig:
     trained = (bundle.meta.get("training") or {}).get("trained", ["seg", "dis"])
     both = "seg" in trained and "dis" in trained
     head = req.head
+    if not both and head == "mean":  # the mean of the heads a single-network bundle has is its one head
+        head = "seg" if "seg" in trained else "sdm"
     if not both and head != ("seg" if "seg" in trained else "sdm"):
         raise ValueError(f"this bundle trained only {trained}; --head {head} needs the other network")
     if req.save_uncertainty and not both:
@@ -80,9 +90,9 @@ def engine_config(req: SegmentRequest, bundle: Bundle) -> EngineConfig:
         keep_uncertainty=req.save_uncertainty and both, keep_heads=req.qc and both, tta=req.tta)
 
 
-def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmenter:
-    """Create the backend for `bundle` (loaded from `req.model` when not given) and bind them with the
-    engine options of `req`."""
+def build_segmenter(req: InferenceSettings, bundle: Bundle | None = None) -> Segmenter:
+    """The one way a segmenter is made (CLI, evaluation, benchmark): create the backend for `bundle`
+    (loaded from `req.model` when not given) and bind them with the engine options of `req`."""
     bundle = bundle if bundle is not None else Bundle.load(req.model)
     engine = engine_config(req, bundle)
     precision = req.precision or default_precision(req.device)
@@ -104,25 +114,25 @@ def build_segmenter(req: SegmentRequest, bundle: Bundle | None = None) -> Segmen
                                                      preview=req.preview))
 
 
-def check_outputs(req: SegmentRequest) -> None:
+def check_outputs(job: SegmentJob) -> None:
     """Refuse, before any work, an `-o` file with several inputs and a report path that cannot be a file."""
-    if output_is_file(req.output) and len(req.inputs) > 1:
-        raise InputError(f"{req.output}: -o names one image file, but {len(req.inputs)} inputs were given; "
+    if output_is_file(job.output) and len(job.inputs) > 1:
+        raise InputError(f"{job.output}: -o names one image file, but {len(job.inputs)} inputs were given; "
                          f"pass a folder")
-    if req.json_report is not None:
-        check_report_path(req.json_report, "the JSON report")
+    if job.json_report is not None:
+        check_report_path(job.json_report, "the JSON report")
 
 
-def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseReport]:
-    """Segment every input; a failing case becomes a 'failed' report and the rest go on."""
+def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None = None) -> list[CaseReport]:
+    """Segment every input of `job` with `req`; a failing case becomes a 'failed' report and the rest go on."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True, soft_wrap=True)  # one line per message in logs, however narrow the terminal
-    check_outputs(req)
+    check_outputs(job)
     segmenter = build_segmenter(req, bundle)
     bundle, backend = segmenter.bundle, segmenter.backend
-    err.print(f"dtml: {len(req.inputs)} scan(s) with {backend.describe()}", highlight=False)
+    err.print(f"dtml: {len(job.inputs)} scan(s) with {backend.describe()}", highlight=False)
     if req.precision is None and backend.name == "torch" and backend.device.type == "cpu":
         from dtml_deploy.backends.torch_backend import cpu_has_native_bf16
 
@@ -130,20 +140,20 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
             err.print("  tip: this CPU computes bf16 natively; --precision bf16 is about 2x faster (masks agreed "
                       "with fp32 at Dice 0.9994 on the shipped model); fp32 stays the faithful default",
                       highlight=False)
-    names = [case_name(p) for p in req.inputs]
+    names = [case_name(p) for p in job.inputs]
     dupes = {n for n in names if names.count(n) > 1}
     reports: list[CaseReport] = []
     guessed = False
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                  TimeElapsedColumn(), console=err, disable=not req.progress, transient=True) as bar:
-        for path, name in zip(req.inputs, names):
+                  TimeElapsedColumn(), console=err, disable=not job.progress, transient=True) as bar:
+        for path, name in zip(job.inputs, names):
             if name in dupes:
                 rep = CaseReport(input=str(path), status="failed",
                                  error=f"{path}: another input has the same case name '{name}'")
             else:
                 task = bar.add_task(name, total=None)
-                rep = segmenter.segment_file(path, req.output, req.overwrite,
+                rep = segmenter.segment_file(path, job.output, job.overwrite,
                                              lambda d, n, t=task: bar.update(t, completed=d, total=n))
                 bar.remove_task(task)
             reports.append(rep)
@@ -165,10 +175,10 @@ def run_segment(req: SegmentRequest, bundle: Bundle | None = None) -> list[CaseR
                     err.print(f"  {flagged}", highlight=False)
             else:
                 print(f"error: {rep.error}", file=sys.stderr)
-    if req.json_report is not None:
+    if job.json_report is not None:
         report = {"backend": backend.describe(), "model": str(req.model), "bundle_hash": bundle.content_hash,
                   "engine": {"overlap": req.overlap, "stride": req.stride, "blend": req.blend, "head": req.head,
                              "batch": backend.options.batch, "lcc": req.lcc, "tta": req.tta},
                   "total_seconds": round(time.perf_counter() - t0, 3), "cases": [r.to_dict() for r in reports]}
-        write_report_text(req.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
+        write_report_text(job.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
     return reports

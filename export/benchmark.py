@@ -27,14 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtml_deploy.backends.base import BackendOptions, create_backend, resolve_device
+from dtml_deploy.artifacts import TrtProfile
+from dtml_deploy.backends.base import resolve_device
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError, OutOfMemory
 from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.metrics import agreement
-from dtml_deploy.runner import SegmentRequest, default_precision, engine_config
-from dtml_deploy.segment import Segmenter, SegmentOptions, case_name
+from dtml_deploy.runner import InferenceSettings, build_segmenter, default_precision
+from dtml_deploy.segment import Segmenter, case_name
 from export.formats import FORMATS, artifact_path, missing_packages
 from export.pipeline import VerificationFailed, central_patch, export_verified_onnx
 
@@ -334,12 +335,12 @@ def _onnx_artifact(ctx: _Context, precision: str) -> tuple[Path, str | None]:
 
 
 def _trt_artifact(ctx: _Context, fp16: bool) -> tuple[Path, str | None]:
-    from export.trt_build import build_engine, onnx_precision_for
+    from export.trt_build import TrtBuildOptions, build_engine, onnx_precision_for
 
     src, failure = _onnx_artifact(ctx, onnx_precision_for(fp16))
     engine = artifact_path(ctx.workdir, "trt", "fp16" if fp16 else "fp32")
     top = max(ctx.batches)
-    build_engine(src, engine, min_batch=1, opt_batch=top, max_batch=top, fp16=fp16)
+    build_engine(src, engine, TrtBuildOptions(TrtProfile(1, top, top), fp16=fp16))
     return engine, failure
 
 
@@ -355,15 +356,11 @@ def _artifact(ctx: _Context, spec: RowSpec, precision: str) -> tuple[Path | None
 
 
 def _segmenter(ctx: _Context, spec: RowSpec, precision: str, batch: int, artifact: Path | None) -> Segmenter:
-    """The bundle, a backend and the engine settings of `dtml segment` (defaults)."""
-    seg_req = SegmentRequest(inputs=[], output=Path("."), model=ctx.req.bundle, backend=spec.backend,
-                             device=ctx.req.device, precision=precision, batch=batch, progress=False)
-    engine = engine_config(seg_req, ctx.bundle)
-    options = BackendOptions(device=ctx.req.device, precision=precision, batch=batch,  # type: ignore[arg-type]
-                             compile=spec.compile, artifact=artifact, cuda_graphs=spec.cuda_graphs,
-                             cudnn_fusion=spec.cudnn_fusion)
-    backend = create_backend(spec.backend, ctx.bundle, options, engine.channels)
-    return Segmenter(ctx.bundle, backend, SegmentOptions(engine=engine))
+    """The bundle and a backend with the engine settings of `dtml segment` (its defaults)."""
+    settings = InferenceSettings(model=ctx.req.bundle, backend=spec.backend, artifact=artifact, device=ctx.req.device,
+                                 precision=precision, batch=batch, compile=spec.compile, cuda_graphs=spec.cuda_graphs,
+                                 cudnn_fusion=spec.cudnn_fusion)
+    return build_segmenter(settings, ctx.bundle)
 
 
 def _one_pass(segmenter: Segmenter, cases: list[_Case]) -> tuple[float, float, int, np.ndarray]:

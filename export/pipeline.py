@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dtml_deploy import __version__
+from dtml_deploy.artifacts import TrtProfile
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, DtmlError
 from dtml_deploy.intensity import prepare
@@ -25,7 +26,8 @@ from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 from export.formats import FORMATS, artifact_path
-from export.onnx_export import check_opset, export_onnx_info
+from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
+from export.trt_build import TrtBuildOptions  # importable without TensorRT
 from export.verify import render_report, verify_onnx
 
 
@@ -38,17 +40,17 @@ class ExportRequest:
     bundle: Path
     out_dir: Path
     precisions: tuple[str, ...] = ("fp32",)
-    opset: int = 17
+    opset: int = DEFAULT_OPSET
     dynamic_spatial: bool = False
     verify: bool = True
     real_case: Path | None = None  # a scan whose central patch joins the random verification patches
     trt: bool = False
     trt_fp16: bool = True
-    min_batch: int = 1
-    opt_batch: int = 4
-    max_batch: int = 8
-    workspace_gb: float = 4.0
-    timing_cache: Path | None = None
+    min_batch: int = TrtProfile.min_batch
+    opt_batch: int = TrtProfile.opt_batch
+    max_batch: int = TrtProfile.max_batch
+    workspace_gb: float = TrtBuildOptions.workspace_gb
+    timing_cache: Path | None = TrtBuildOptions.timing_cache
 
     def __post_init__(self) -> None:
         check_opset(self.opset)
@@ -60,14 +62,17 @@ class ExportRequest:
         if self.real_case is not None and not Path(self.real_case).is_file():
             raise ValueError(f"--real-case {self.real_case}: no such file")
         if self.trt:  # a bad profile fails before minutes of exporting, not after
-            from export.trt_build import check_build_options  # importable without TensorRT
-
-            check_build_options(self.min_batch, self.opt_batch, self.max_batch, self.workspace_gb)
+            self.trt_options()
             from dtml_deploy.backends.trt_backend import unavailable_reason
 
             reason = unavailable_reason()
             if reason is not None:  # before the ONNX export it would build from, not after
                 raise BackendUnavailable(f"--trt: {reason.split(';')[0]}")
+
+    def trt_options(self) -> TrtBuildOptions:
+        """The TensorRT build these options ask for (ValueError for a profile or workspace it cannot build)."""
+        return TrtBuildOptions(TrtProfile(self.min_batch, self.opt_batch, self.max_batch), fp16=self.trt_fp16,
+                               workspace_gb=self.workspace_gb, timing_cache=self.timing_cache)
 
 
 @dataclass
@@ -78,7 +83,6 @@ class ExportResult:
     seconds: float
     size_bytes: int
     verification: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def central_patch(case: Path, bundle: Bundle) -> np.ndarray:
@@ -100,7 +104,7 @@ def central_patch(case: Path, bundle: Bundle) -> np.ndarray:
     return out
 
 
-def export_verified_onnx(bundle: Bundle, out: Path, precision: str, *, opset: int = 17,
+def export_verified_onnx(bundle: Bundle, out: Path, precision: str, *, opset: int = DEFAULT_OPSET,
                          dynamic_spatial: bool = False, verify: bool = True,
                          real_patch: np.ndarray | None = None) -> ExportResult:
     """Export to a temporary file, verify, then move to `out` (nothing is left on failure)."""
@@ -179,9 +183,7 @@ def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real:
 
         src = onnx_paths[onnx_precision_for(req.trt_fp16)]
         engine = artifact_path(req.out_dir, "trt", "fp16" if req.trt_fp16 else "fp32")
-        build = build_engine(src, engine, min_batch=req.min_batch, opt_batch=req.opt_batch,
-                             max_batch=req.max_batch, fp16=req.trt_fp16, workspace_gb=req.workspace_gb,
-                             timing_cache=req.timing_cache)
+        build = build_engine(src, engine, req.trt_options())
         size = engine.stat().st_size
         echo(f"tensorrt: {engine} ({size / 1e6:.1f} MB, {build.seconds:.1f} s)")
         results.append(ExportResult(engine, "trt", "fp16" if req.trt_fp16 else "fp32", build.seconds, size))

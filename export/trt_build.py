@@ -21,7 +21,7 @@ import importlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,29 +74,56 @@ class TrtBuild:
     size_bytes: int
 
 
-def check_build_options(min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float) -> TrtProfile:
-    """The batch profile, once the options are known to be buildable (ValueError otherwise)."""
-    profile = TrtProfile(min_batch, opt_batch, max_batch)
-    if workspace_gb <= 0:
-        raise ValueError(f"workspace_gb must be positive, got {workspace_gb}")
-    return profile
+DEFAULT_WORKSPACE_GB = 4.0  # builder workspace: ample for the V-Net pair at batch 8 on an H200
 
 
-def build_engine(onnx_path: Path, engine_path: Path, *, min_batch: int = 1, opt_batch: int = 4,
-                 max_batch: int = 8, fp16: bool = False, workspace_gb: float = 4.0,
-                 timing_cache: Path | None = None, tf32: bool = True) -> TrtBuild:
+@dataclass(frozen=True)
+class TrtBuildOptions:
+    """How an engine is built: its batch profile, precision, workspace and timing cache."""
+
+    profile: TrtProfile = field(default_factory=TrtProfile)
+    fp16: bool = False
+    workspace_gb: float = DEFAULT_WORKSPACE_GB
+    timing_cache: Path | None = None  # reused across builds; written back after each
+    tf32: bool = True  # TF32 convolutions in fp32 engines, as torch allows by default
+
+    def __post_init__(self) -> None:
+        if not self.workspace_gb > 0:
+            raise ValueError(f"workspace_gb must be positive, got {self.workspace_gb}")
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: TrtBuildOptions | None = None) -> TrtBuild:
     """Build and write `engine_path` (atomically) plus its sidecar; see the module docstring."""
-    profile = check_build_options(min_batch, opt_batch, max_batch, workspace_gb)
+    options = options or TrtBuildOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     info = parse_onnx_metadata(read_onnx_metadata(onnx_path), str(onnx_path))
     trt = _trt()
     if not torch.cuda.is_available():
         raise BackendUnavailable("building a TensorRT engine needs a CUDA device; torch sees none")
-    strong = _choose_typing(trt, info, fp16, onnx_path)
-
+    strong = _choose_typing(trt, info, options.fp16, onnx_path)
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    network = _parse_network(trt, builder, logger, onnx_path, strong)
+    config = _builder_config(trt, builder, network, options, strong, tuple(info.patch_size))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise DtmlError(f"TensorRT failed to build an engine from {onnx_path} (see the log above; "
+                        f"try a smaller --max-batch or a larger workspace)")
+    seconds = time.perf_counter() - t0
+    if options.timing_cache is not None:
+        with atomic_path(Path(options.timing_cache)) as tmp:
+            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    data = bytes(memoryview(serialized))
+    sidecar = _sidecar(trt, info, options, strong, data, onnx_path, seconds)
+    side = _write_engine(engine_path, data, sidecar)
+    log.info("built %s in %.1f s (%s, %sly typed, batch %d..%d)", engine_path, seconds, sidecar.precision,
+             sidecar.typing, options.profile.min_batch, options.profile.max_batch)
+    return TrtBuild(engine_path, side, sidecar, seconds, len(data))
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, strong: bool) -> Any:
+    """The network parsed from the ONNX file, strongly typed when `strong`."""
     flags = 0
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if strong and strongly is not None:  # required on 10.x; TensorRT 11 is always strongly typed
@@ -106,61 +133,58 @@ def build_engine(onnx_path: Path, engine_path: Path, *, min_batch: int = 1, opt_
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise DtmlError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[:500]}")
+    return network
 
+
+def _builder_config(trt: Any, builder: Any, network: Any, options: TrtBuildOptions, strong: bool,
+                    patch: tuple[int, ...]) -> Any:
+    """Workspace, precision flags, the batch profile and the timing cache."""
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
+    if not options.tf32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
-    if fp16 and not strong:
+    if options.fp16 and not strong:
         config.set_flag(trt.BuilderFlag.FP16)
         _pin_heads_fp32(trt, network)
         if hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-
-    patch = tuple(info.patch_size)
+    profile = options.profile
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(ONNX_INPUT, (profile.min_batch, 1, *patch), (profile.opt_batch, 1, *patch),
                           (profile.max_batch, 1, *patch))
     config.add_optimization_profile(opt_profile)
-
-    cache = None
-    if timing_cache is not None:
-        timing_cache = Path(timing_cache)
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
+    if options.timing_cache is not None:
+        cache_file = Path(options.timing_cache)
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
         if not config.set_timing_cache(cache, ignore_mismatch=False):
-            log.warning("timing cache %s does not fit this TensorRT/GPU; starting a new one", timing_cache)
-            cache = config.create_timing_cache(b"")
-            config.set_timing_cache(cache, ignore_mismatch=True)
+            log.warning("timing cache %s does not fit this TensorRT/GPU; starting a new one", cache_file)
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=True)
+    return config
 
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise DtmlError(f"TensorRT failed to build an engine from {onnx_path} (see the log above; "
-                        f"try a smaller --max-batch or a larger workspace)")
-    seconds = time.perf_counter() - t0
 
-    if timing_cache is not None:
-        with atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-
-    data = bytes(memoryview(serialized))
+def _sidecar(trt: Any, info: ArtifactInfo, options: TrtBuildOptions, strong: bool, data: bytes, onnx_path: Path,
+             seconds: float) -> TrtSidecar:
+    """What the engine needs to hold where it runs: TensorRT version, GPU, bundle hash, profile."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    sidecar = TrtSidecar(
+    return TrtSidecar(
         tensorrt_version=trt.__version__, gpu_name=props.name,
         compute_capability=(props.major, props.minor), bundle_hash=info.bundle_hash,
-        precision="fp16" if fp16 else "fp32", typing="strong" if strong else "weak", profile=profile,
-        patch_size=patch, outputs=info.outputs, engine_sha256=hashlib.sha256(data).hexdigest(),
-        dtml_version=__version__, source_onnx=onnx_path.name, build_seconds=round(seconds, 2),
-        extra={"workspace_gb": workspace_gb, "tf32": tf32, "onnx_precision": info.precision},
+        precision="fp16" if options.fp16 else "fp32", typing="strong" if strong else "weak",
+        profile=options.profile, patch_size=tuple(info.patch_size), outputs=info.outputs,
+        engine_sha256=hashlib.sha256(data).hexdigest(), dtml_version=__version__, source_onnx=onnx_path.name,
+        build_seconds=round(seconds, 2),
+        extra={"workspace_gb": options.workspace_gb, "tf32": options.tf32, "onnx_precision": info.precision},
     )
+
+
+def _write_engine(engine_path: Path, data: bytes, sidecar: TrtSidecar) -> Path:
+    """The engine and its sidecar, each written atomically; returns the sidecar's path."""
     side = sidecar_path(engine_path)
     side.unlink(missing_ok=True)  # never leave an old sidecar describing a new engine
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(data)
     atomic_write_text(side, json.dumps(sidecar.to_dict(), indent=2) + "\n")
-    log.info("built %s in %.1f s (%s, %sly typed, batch %d..%d)", engine_path, seconds, sidecar.precision,
-             sidecar.typing, min_batch, max_batch)
-    return TrtBuild(engine_path, side, sidecar, seconds, len(data))
+    return side
 
 
 def _choose_typing(trt: Any, info: ArtifactInfo, fp16: bool, onnx_path: Path) -> bool:

@@ -50,3 +50,27 @@ def tiny_bundle_dir(tmp_path: Path, tiny_bundle: Bundle) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def sample_ids(sample_root: Path) -> list[str]:
+    """The case ids of a sample folder (its images/<ID>.nii.gz)."""
+    return sorted(p.name[: -len(".nii.gz")] for p in (sample_root / "images").glob("*.nii.gz"))
+
+
+def crop_real_case(sample_root: Path, cid: str, size: tuple[int, int, int], folder: str = "images"):  # -> Nifti1Image
+    """A real sub-volume centred on the atrium; nibabel's slicer keeps the world geometry."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    img = nib.load(str(sample_root / folder / f"{cid}.nii.gz"))
+    lab = np.asarray(nib.load(str(sample_root / "labels" / f"{cid}.nii.gz")).dataobj) > 0
+    centre = ndi.center_of_mass(lab)
+    start = [int(np.clip(round(c - s / 2), 0, n - s)) for c, s, n in zip(centre, size, img.shape)]
+    return img.slicer[tuple(slice(a, a + s) for a, s in zip(start, size))]
+
+
+def centred_bundle_dir(sample_root: Path, folder: Path, patch: int = 32) -> Path:
+    """A saved random bundle (n_filters 4, patch^3) whose heads are centred on a real crop: its masks are
+    partly foreground, partly not."""
+    crop = crop_real_case(sample_root, sample_ids(sample_root)[0], (patch,) * 3).get_fdata(dtype=np.float32)
+    return make_bundle(patch=(patch,) * 3, centre_on=crop).save(folder / "bundle")

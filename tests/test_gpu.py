@@ -101,9 +101,9 @@ def test_cuda_backend_keeps_a_deterministic_process_deterministic(case, monkeypa
 
 def test_segment_defaults_on_cuda_are_the_measured_fastest(case):
     """fp16, batch 8, CUDA graphs and cuDNN conv+ReLU (benchmarks/results/segment_speed_h200.json)."""
-    from dtml_deploy.runner import SegmentRequest, build_segmenter
+    from dtml_deploy.runner import InferenceSettings, build_segmenter
 
     bundle, _ = case
-    seg = build_segmenter(SegmentRequest(inputs=[], output=Path("."), model=Path("."), device="cuda"), bundle)
+    seg = build_segmenter(InferenceSettings(model=Path("."), device="cuda"), bundle)
     opts = seg.backend.options
     assert (opts.precision, opts.batch, opts.cuda_graphs, opts.cudnn_fusion) == ("fp16", 8, True, True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dtml_deploy.checks import finite_in, int_at_least, is_int, require
 from dtml_deploy.config import ModelConfig, NetConfig
@@ -12,6 +12,7 @@ from dtml_deploy.intensity import POLICIES
 from training.losses import SUPERVISIONS, ConsistencyConfig, Supervision
 
 Amp = Literal["auto", "bf16", "fp16", "none"]
+AMPS: tuple[str, ...] = get_args(Amp)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class TrainConfig:
             raise ValueError("unlabeled_bs > 0 needs unlabeled cases (set --unlabeled-bs 0)")
         if self.unlabeled_bs == 0 and self.unlabeled:
             raise ValueError(f"unlabeled={self.unlabeled} cases would never be drawn with unlabeled_bs 0")
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
+        if self.amp not in AMPS:
             raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if self.intensity not in POLICIES:
             raise ValueError(f"intensity must be one of {POLICIES}, got {self.intensity!r}")
@@ -120,6 +121,43 @@ class TrainConfig:
         d["consistency_cfg"] = ConsistencyConfig(**d.get("consistency_cfg", {}))
         d["patch"] = tuple(d["patch"])
         return cls(**d)
+
+
+# The help of each `dtml train` option, in the order `--help` lists them; the CLI builds one option per key
+# (type, choices and default from the field it names in TrainConfig or ConsistencyConfig).
+OPTION_HELP: dict[str, str] = {
+    "labeled": "Number of labeled cases (16 or 8 in the paper)",
+    "unlabeled": "Number of unlabeled cases (default: all others)",
+    "val_cases": "Validation cases carved from the non-labeled list",
+    "iterations": "Training iterations",
+    "labeled_bs": "Labeled patches per batch",
+    "unlabeled_bs": "Unlabeled patches per batch",
+    "patch": "Patch size X Y Z",
+    "n_filters": "V-Net width",
+    "norm": "Normalisation layers",
+    "supervision": "M_d supervision",
+    "k": "Sharpness of sigmoid(-k*sdm)",
+    "schedule": "Consistency ramp-up: released code or paper text",
+    "lambda_max": "Consistency weight maximum (default: the schedule's, 1.0 code, 0.1 paper)",
+    "lr": "Base learning rate",
+    "lr_step": "Iterations between learning-rate steps",
+    "lr_gamma": "Learning-rate factor at each step",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "dropout": "Dropout3d probability in training",
+    "rampup_period": "code schedule: iterations per ramp-up step",
+    "rampup_length": "code schedule: ramp-up length in steps",
+    "consistency": "Use the cross-task consistency loss",
+    "seed": "Random seed",
+    "deterministic": "Deterministic algorithms (slower on GPU)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "amp": "Mixed precision on CUDA",
+    "workers": "DataLoader workers (-1: auto)",
+    "checkpoint_every": "Checkpoint interval in iterations",
+    "val_every": "Validation interval in iterations",
+}
+# Fields set by the recipe alone (or, for consistency_cfg, through its own fields above).
+NOT_OPTIONS: tuple[str, ...] = ("recipe", "intensity", "train_seg", "train_dis", "channels_last", "consistency_cfg")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""DTML's losses (see ../shared/reference/dtml_method.md), all reduced in fp32.
+"""DTML's losses (the paper's equations, in the released code's form where they differ), all reduced in fp32.
 
 - `seg_loss`: 0.5 * (BCE-with-logits + Dice) for M_s on the labeled half;
 - `dis_loss`: M_d's supervision: `mask` (Dice of sigmoid(-k d) vs the label), `dis` (L2 of d to the
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from dtml_deploy.nets.dual import sdm_to_mask
 Supervision = Literal["mask", "dis", "dis+mask"]
 SUPERVISIONS: tuple[str, ...] = ("mask", "dis", "dis+mask")
 Schedule = Literal["code", "paper"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def dice_loss(p: torch.Tensor, g: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

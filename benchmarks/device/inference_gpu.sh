@@ -6,7 +6,7 @@
 # The shipped default model (38 MB) travels with the checkout, so this call fits the 64 MiB limit.
 # 0. the GPU tests (tests/test_gpu.py, about a minute).
 # 1. benchmarks/segment_speed.py: section A on the real case (paper loop vs engine), section B on
-#    576x576x88 at overlap 0.5 (MONAI fp16 sw_batch 8 vs the engine at batch 4, 6 and 8): issue 3's GPU target.
+#    576x576x88 at overlap 0.5 (MONAI fp16 sw_batch 8 vs the engine at batch 4, 6 and 8): the GPU speed target.
 # 2. dtml benchmark --device cuda on the real case with the shipped model: the GPU rows (fp16, graphs +
 #    cuDNN fusion, compiled, ORT CUDA EPs if present, TensorRT if present) with agreement vs torch fp32.
 # Results land in $OUT: inference_gpu.log, segment_speed_gpu.json, dtml_benchmark_gpu.json.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the paper's DTML row on LA2018 on one GPU (issue 6). Device call 2 of 2, about 7 minutes
+# Reproduce the paper's DTML row on LA2018 on one GPU. Device call 2 of 2, about 7 minutes
 # on an H200 (training alone must fit one 10-minute call):
 #   carry: [".devdata/partB"]   (part A and the wheels were staged to /tmp/la by gpu_checks.sh on the same warm
 #   machine; stage_data.sh explains the split: 64 MiB travel per call, the images take ~116 MB)

@@ -2,7 +2,8 @@
 
 Channel names a backend can produce (always fp32):
   `p_seg` sigmoid of M_s's logits; `sdm` tanh output of M_d; `p_dis` sigmoid(-k * sdm).
-Backends are registered by name (`torch`, `onnx`, `trt`); `auto` picks the fastest one present.
+Backends are registered by name (`torch`, `onnx`, `trt`); `auto` picks one for the device and the
+artifact given (`_auto_choice` states the rule and the measurement behind it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 
@@ -20,6 +21,7 @@ from dtml_deploy.errors import BackendUnavailable
 
 CHANNELS = ("p_seg", "p_dis", "sdm")
 Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class BackendOptions:
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
 
 
@@ -102,6 +104,7 @@ _REGISTRY = {
     "onnx": "dtml_deploy.backends.onnx_backend:OnnxBackend",
     "trt": "dtml_deploy.backends.trt_backend:TrtBackend",
 }
+BACKENDS: tuple[str, ...] = ("auto", *_REGISTRY)  # what --backend accepts
 
 
 def _backend_class(name: str) -> type[Backend]:
@@ -112,7 +115,8 @@ def _backend_class(name: str) -> type[Backend]:
 
 
 def available_backends() -> list[str]:
-    """Backends whose runtime imports here, fastest first."""
+    """Backends whose runtime imports here, in the order TensorRT, onnxruntime, torch (the order of their
+    measured GPU speed; `auto` does not follow it, see `_auto_choice`)."""
     found = []
     for name in ("trt", "onnx", "torch"):
         if _backend_class(name).is_available():  # type: ignore[attr-defined]
@@ -122,7 +126,7 @@ def available_backends() -> list[str]:
 
 def create_backend(name: str, bundle: Bundle, options: BackendOptions,
                    outputs: tuple[str, ...] = ("p_seg", "p_dis")) -> Backend:
-    """Instantiate a backend by name; `auto` picks the fastest available for the device."""
+    """Instantiate a backend by name; `auto` resolves through `_auto_choice`."""
     if name == "auto":
         name = _auto_choice(options)
     return _backend_class(name)(bundle, options, outputs)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-Blend = Literal["constant", "gaussian"]
+Blend = Literal["gaussian", "constant"]
+BLENDS: tuple[str, ...] = get_args(Blend)
 SIGMA_SCALE = 0.125  # sigma = patch / 8, as nnU-Net
 AXIS_FLOOR = 1e-3  # per-axis floor, so the border of a window keeps a usable weight
 

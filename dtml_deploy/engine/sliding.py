@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dtml_deploy.backends.base import Backend
-from dtml_deploy.engine.blending import weight_sums, window_weight
+from dtml_deploy.engine.blending import Blend, weight_sums, window_weight
 from dtml_deploy.engine.grid import GridSpec, pad_volume, window_starts
 from dtml_deploy.errors import OutOfMemory
 
@@ -38,7 +38,7 @@ class EngineConfig:
     """How windows are laid out, stitched and turned into a mask."""
 
     grid: GridSpec = field(default_factory=GridSpec)
-    blend: Literal["constant", "gaussian"] = "gaussian"
+    blend: Blend = "gaussian"
     # seg: p_seg (the paper's); sdm: p_dis; mean: (p_seg + p_dis) / 2, the most accurate measured on the
     # 64 unlabeled LA cases (benchmarks/results/qc_calibration_cpu.json), hence the default.
     head: Head = "mean"

@@ -53,8 +53,8 @@ def test_a_missing_checkpoint_is_a_toolkit_error(tmp_path: Path) -> None:
 
 def test_saving_replaces_the_previous_checkpoint_whole(tmp_path: Path) -> None:
     net, opts = _trained_step(0)
-    save_checkpoint(tmp_path / "ck", net, opts, 1, {})
-    save_checkpoint(tmp_path / "ck", net, opts, 2, {"note": "second"})
+    save_checkpoint(tmp_path / "ck", net, opts, 1, {"config": {"lr": 0.1}})
+    save_checkpoint(tmp_path / "ck", net, opts, 2, {"config": {"lr": 0.1}, "note": "second"})
     meta = load_checkpoint(tmp_path / "ck", *_trained_step(3))
-    assert meta == {"iteration": 2, "note": "second"}
+    assert meta == {"iteration": 2, "config": {"lr": 0.1}, "note": "second"}
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["state.json", "state.safetensors"]

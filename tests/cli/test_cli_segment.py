@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
 from dtml_deploy.engine.sliding import EngineConfig
-from tests.conftest import make_bundle
+from tests.conftest import centred_bundle_dir
+from tests.conftest import crop_real_case as _crop_real_case
+from tests.conftest import sample_ids as _ids
 
 PATCH = 32
 CROP = (48, 48, 32)
@@ -31,17 +33,6 @@ CPU = ["--backend", "torch", "--device", "cpu", "--no-progress"]
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _ids(sample_root: Path) -> list[str]:
-    return sorted(p.name[: -len(".nii.gz")] for p in (sample_root / "images").glob("*.nii.gz"))
-
-
-def _crop_real_case(sample_root: Path, cid: str, size: tuple[int, int, int]) -> nib.Nifti1Image:
-    """A sub-volume of a sample scan centred on its atrium; nibabel's slicer keeps the world geometry."""
-    img = nib.load(str(sample_root / "images" / f"{cid}.nii.gz"))
-    lab = np.asarray(nib.load(str(sample_root / "labels" / f"{cid}.nii.gz")).dataobj) > 0
-    centre = ndi.center_of_mass(lab)
-    start = [int(np.clip(round(c - s / 2), 0, n - s)) for c, s, n in zip(centre, size, img.shape)]
-    return img.slicer[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
 
 def _n_windows(shape, patch=PATCH, overlap=0.5, stride=None) -> int:
@@ -107,8 +98,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def bundle_dir(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """n_filters 4, patch 32, heads centred on a real crop: masks are partly foreground, partly not."""
-    crop = _crop_real_case(sample_root, _ids(sample_root)[0], (PATCH,) * 3).get_fdata(dtype=np.float32)
-    return make_bundle(centre_on=crop).save(tmp_path_factory.mktemp("bundle") / "bundle")
+    return centred_bundle_dir(sample_root, tmp_path_factory.mktemp("bundle"), PATCH)
 
 
 @pytest.fixture(scope="module")

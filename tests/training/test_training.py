@@ -244,7 +244,7 @@ def test_cpu_training_keeps_freed_host_memory(sample_root, tmp_path, monkeypatch
     monkeypatch.setattr(trainer_mod, "keep_freed_host_memory", lambda: calls.append(1) or True)
     Trainer(tiny(iterations=1), make_split(open_source(sample_root), 1, None), tmp_path / "m",
             show_progress=False).run()
-    assert calls == [1]  # the CPU run asked glibc to keep freed memory (tests/test_host_memory.py: effect)
+    assert calls == [1]  # the CPU run asked glibc to keep freed memory (tests/dtml_deploy/test_host_memory.py: effect)
 
 
 def test_resume_refuses_a_changed_recipe(sample_root, tmp_path):
@@ -287,8 +287,8 @@ def test_other_recipes_train(sample_root, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_train_cli_acceptance_command(la2018, tmp_path):
-    """The issue's acceptance command (30 iterations, n_filters 4, patch 48 48 32) on the real data set."""
+def test_train_cli_short_real_run(la2018, tmp_path):
+    """A short `dtml train` run (30 iterations, n_filters 4, patch 48 48 32) on the real data set."""
     from typer.testing import CliRunner
 
     from dtml_deploy.cli import app

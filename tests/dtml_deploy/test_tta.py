@@ -10,7 +10,7 @@ from dtml_deploy.backends.base import Backend, BackendOptions
 from dtml_deploy.engine.blending import window_weight
 from dtml_deploy.engine.grid import GridSpec, window_starts
 from dtml_deploy.engine.sliding import TTA_FLIPS, EngineConfig, SlidingWindowEngine
-from tests.test_engine import ShiftPredictor
+from tests.dtml_deploy.test_engine import ShiftPredictor
 
 PATCH = (16, 12, 8)
 

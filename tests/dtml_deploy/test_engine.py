@@ -17,7 +17,7 @@ from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from tests.conftest import make_bundle
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from reference import reference_sliding_window
 
 
@@ -216,8 +216,9 @@ def test_engine_config_channels():
 
 @pytest.mark.slow
 def test_a_640x640x256_volume_fits_a_24_gb_machine():
-    """The largest volume the issue names, through the whole engine with a cheap known-answer backend:
-    peak resident memory stays far below 24 GB (accumulators are 2 x 420 MB in fp32)."""
+    """A 640x640x256 volume (the largest the toolkit promises to fit in 24 GB), through the whole engine
+    with a cheap known-answer backend: peak resident memory stays far below 24 GB (accumulators are
+    2 x 420 MB in fp32)."""
     import resource
 
     vol = np.zeros((640, 640, 256), np.float32)

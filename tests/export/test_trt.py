@@ -145,9 +145,9 @@ def built(trt, tmp_path_factory):
         fp16 = precision == "fp16"
         onnx_path = export_onnx(bundle, out / f"model-{trt_build.onnx_precision_for(fp16)}.onnx",
                                 trt_build.onnx_precision_for(fp16))
-        engines[precision] = trt_build.build_engine(onnx_path, out / f"model-{precision}.engine", min_batch=1,
-                                                    opt_batch=2, max_batch=4, fp16=fp16, workspace_gb=1,
-                                                    timing_cache=cache, tf32=False)
+        options = trt_build.TrtBuildOptions(TrtProfile(1, 2, 4), fp16=fp16, workspace_gb=1, timing_cache=cache,
+                                            tf32=False)
+        engines[precision] = trt_build.build_engine(onnx_path, out / f"model-{precision}.engine", options)
     return bundle, engines, cache
 
 
@@ -184,3 +184,79 @@ def test_engine_of_another_bundle_is_refused(built):
     other = random_bundle(4, PATCH, seed=1)
     with pytest.raises(BundleError, match="dtml export --model BUNDLE --trt"):
         TrtBackend(other, BackendOptions(device="cuda", artifact=engines["fp32"].engine_path), ("p_seg",))
+
+
+class _FakeTrt:
+    """Records what build_engine asks of TensorRT 10 (weak typing): flags, workspace, profile, cache."""
+
+    __version__ = "10.13.0"
+
+    def __init__(self) -> None:
+        self.calls: dict[str, object] = {}
+        self.BuilderFlag = types.SimpleNamespace(FP16="FP16", TF32="TF32", OBEY_PRECISION_CONSTRAINTS="OBEY")
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+        self.LayerType = types.SimpleNamespace(CONVOLUTION="conv", DECONVOLUTION="deconv", CONSTANT="const",
+                                               SHUFFLE="shuffle")
+        self.float32 = "float32"
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=2: None})
+        fake = self
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls["workspace"] = (pool, size)
+
+            def set_flag(self, flag):
+                fake.calls.setdefault("flags", []).append(flag)
+
+            def clear_flag(self, flag):
+                fake.calls.setdefault("cleared", []).append(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["profile"] = profile.shapes
+
+            def create_timing_cache(self, blob):
+                return types.SimpleNamespace(serialize=lambda: b"cache")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                return True
+
+            def get_timing_cache(self):
+                return types.SimpleNamespace(serialize=lambda: b"cache")
+
+        class Profile:
+            def set_shape(self, name, *shapes):
+                self.shapes = (name, *shapes)
+
+        network = types.SimpleNamespace(num_layers=0, num_outputs=0)
+        self.Builder = lambda logger: types.SimpleNamespace(
+            create_network=lambda flags: fake.calls.__setitem__("network_flags", flags) or network,
+            create_builder_config=Config, create_optimization_profile=Profile,
+            build_serialized_network=lambda net, cfg: b"engine-bytes")
+        self.OnnxParser = lambda net, logger: types.SimpleNamespace(parse_from_file=lambda path: True)
+
+
+def test_build_engine_steps_with_a_recording_tensorrt(tmp_path, monkeypatch):
+    """Without a GPU: the options reach TensorRT (workspace, FP16 flag, batch profile, TF32 off, timing
+    cache) and the engine, sidecar and cache are written."""
+    fake = _FakeTrt()
+    info = types.SimpleNamespace(precision="fp32", patch_size=(32, 32, 16), bundle_hash="0123456789abcdef",
+                                 outputs=("p_seg", "p_dis"))
+    monkeypatch.setattr(trt_build, "_trt", lambda: fake)
+    monkeypatch.setattr(trt_build, "read_onnx_metadata", lambda path: {})
+    monkeypatch.setattr(trt_build, "parse_onnx_metadata", lambda meta, where: info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="Fake GPU", major=9, minor=0))
+    options = trt_build.TrtBuildOptions(TrtProfile(1, 2, 4), fp16=True, workspace_gb=0.5,
+                                        timing_cache=tmp_path / "t.cache", tf32=False)
+    build = trt_build.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", options)
+    assert fake.calls["workspace"] == ("WORKSPACE", 1 << 29)
+    assert fake.calls["flags"] == ["FP16", "OBEY"] and fake.calls["cleared"] == ["TF32"]
+    assert fake.calls["profile"] == ("image", (1, 1, 32, 32, 16), (2, 1, 32, 32, 16), (4, 1, 32, 32, 16))
+    assert fake.calls["network_flags"] == 0  # weak typing on TensorRT 10 from the fp32 graph
+    assert (tmp_path / "m.engine").read_bytes() == b"engine-bytes" and (tmp_path / "t.cache").read_bytes() == b"cache"
+    sc = read_sidecar(tmp_path / "m.engine")
+    assert sc == build.sidecar and sc.profile == TrtProfile(1, 2, 4) and sc.precision == "fp16"
+    assert sc.typing == "weak" and sc.extra["workspace_gb"] == 0.5 and sc.extra["tf32"] is False

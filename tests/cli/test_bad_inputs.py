@@ -21,11 +21,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
-from tests.conftest import make_bundle
+from tests.conftest import centred_bundle_dir
+from tests.conftest import crop_real_case as _crop
+from tests.conftest import sample_ids as _ids
 
 PATCH = 32
 CPU = ["--backend", "torch", "--device", "cpu", "--no-progress"]
@@ -35,17 +36,6 @@ PIXDIM = 76  # byte offset of pixdim[0] in a NIfTI-1 header (8 float32)
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _ids(sample_root: Path) -> list[str]:
-    return sorted(p.name[: -len(".nii.gz")] for p in (sample_root / "images").glob("*.nii.gz"))
-
-
-def _crop(sample_root: Path, cid: str, size: tuple[int, int, int], folder: str = "images") -> nib.Nifti1Image:
-    """A real sub-volume centred on the atrium; nibabel's slicer keeps the world geometry."""
-    img = nib.load(str(sample_root / folder / f"{cid}.nii.gz"))
-    lab = np.asarray(nib.load(str(sample_root / "labels" / f"{cid}.nii.gz")).dataobj) > 0
-    centre = ndi.center_of_mass(lab)
-    start = [int(np.clip(round(c - s / 2), 0, n - s)) for c, s, n in zip(centre, size, img.shape)]
-    return img.slicer[tuple(slice(a, a + s) for a, s in zip(start, size))]
 
 
 def _cli(*args: str | Path):
@@ -114,8 +104,7 @@ def _read_only_target(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle_dir(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    crop = _crop(sample_root, _ids(sample_root)[0], (PATCH,) * 3).get_fdata(dtype=np.float32)
-    return make_bundle(centre_on=crop).save(tmp_path_factory.mktemp("bundle") / "bundle")
+    return centred_bundle_dir(sample_root, tmp_path_factory.mktemp("bundle"), PATCH)
 
 
 @pytest.fixture(scope="module")
@@ -617,15 +606,21 @@ def test_both_empty_cases_are_left_out_of_every_mean_and_counted(sample_root: Pa
     assert "both masks empty" in r.stdout
 
 
-@pytest.mark.parametrize("which", ["json", "csv"])
-@pytest.mark.parametrize("where", ["folder", "read-only"])
-def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_root: Path, gt_dir: Path,
-                                                 tmp_path: Path) -> None:
+def _label_as_prediction(sample_root: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A folder `pred` holding the first sample case's label as its prediction; (folder, case id)."""
     cid = _ids(sample_root)[0]
     pred = tmp_path / "pred"
     pred.mkdir()
     mask, like = _label(sample_root, cid)
     _save(pred / f"{cid}.nii.gz", mask, like.affine)
+    return pred, cid
+
+
+@pytest.mark.parametrize("which", ["json", "csv"])
+@pytest.mark.parametrize("where", ["folder", "read-only"])
+def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_root: Path, gt_dir: Path,
+                                                 tmp_path: Path) -> None:
+    pred, _ = _label_as_prediction(sample_root, tmp_path)
     if where == "folder":
         target = tmp_path / f"report.{which}"
         target.mkdir()
@@ -638,11 +633,8 @@ def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_r
 @pytest.mark.parametrize("extra", [["x.nii", "x.nii.gz"]], ids=["two-files-one-case"])
 def test_evaluate_two_predictions_for_one_case(extra: list[str], sample_root: Path, gt_dir: Path,
                                               tmp_path: Path) -> None:
-    cid = _ids(sample_root)[0]
-    pred = tmp_path / "pred"
-    pred.mkdir()
+    pred, cid = _label_as_prediction(sample_root, tmp_path)
     mask, like = _label(sample_root, cid)
-    _save(pred / f"{cid}.nii.gz", mask, like.affine)
     _save(pred / f"{cid}.nii", mask, like.affine)
     r = _cli("evaluate", pred, gt_dir)
     _one_error(r, 2, cid, "two predictions")

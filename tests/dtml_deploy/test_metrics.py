@@ -18,7 +18,7 @@ from dtml_deploy.metrics import asd, case_metrics, dice, hd95, jaccard, summaris
 
 medpy_binary = pytest.importorskip("medpy.metric.binary", reason="medpy (dev extra) is the reference")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def medpy_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None) -> dict[str, float]:

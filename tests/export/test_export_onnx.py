@@ -33,7 +33,7 @@ from export.formats import artifact_path  # noqa: E402
 from export.onnx_export import export_onnx, export_onnx_info  # noqa: E402
 from export.verify import random_bundle, reference_outputs, render_report, tolerance, verify_onnx  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PATCH = (32, 32, 32)
 
 

@@ -23,7 +23,7 @@ from dtml_deploy.qc import (
     score,
     warning_line,
 )
-from dtml_deploy.runner import SegmentRequest, build_segmenter
+from dtml_deploy.runner import InferenceSettings, build_segmenter
 from tests import phantoms
 
 CPU_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -111,7 +111,7 @@ def test_warning_line() -> None:
 
 @pytest.fixture(scope="module")
 def shipped_segmenter():
-    req = SegmentRequest(inputs=[], output=Path("."), model=DEFAULT_MODEL, device="cpu", precision=CPU_PRECISION)
+    req = InferenceSettings(model=DEFAULT_MODEL, device="cpu", precision=CPU_PRECISION)
     return build_segmenter(req)
 
 

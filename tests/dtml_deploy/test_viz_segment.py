@@ -56,7 +56,8 @@ def test_preview_is_drawn_from_the_written_arrays(scan: Path, bundle_dir: Path, 
     r = _cli("segment", scan, "-o", out, "--model", bundle_dir, *CPU, "--preview", "--save-uncertainty",
              "--json", js)
     assert r.exit_code == 0, r.output
-    case = json.loads(js.read_text())["cases"][0]
+    report = json.loads(js.read_text())
+    case = report["cases"][0]
     assert case["preview"] == str(out / "case01_preview.png")
     written = png_to_rgb((out / "case01_preview.png").read_bytes())
     img = nib.load(str(scan))
@@ -64,7 +65,9 @@ def test_preview_is_drawn_from_the_written_arrays(scan: Path, bundle_dir: Path, 
     unc = np.asarray(nib.load(str(out / "case01_uncertainty.nii.gz")).dataobj)
     assert 0 < mask.sum() < mask.size and unc.max() > 0  # a real outline and a real heat map
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    title = preview_title("case01", "seg", mask, spacing, case["agreement"], "agreement")
+    # the title names the head that ran and the QC score (the heads' agreement for a bundle without QC stats)
+    score, name = (case["qc"]["score"], "QC") if case.get("qc") else (case["agreement"], "agreement")
+    title = preview_title("case01", report["engine"]["head"], mask, spacing, score, name)
     redrawn = png_to_rgb(preview_png(mask, img.affine, spacing, title, image=img.get_fdata(dtype=np.float32),
                                      uncertainty=unc))
     np.testing.assert_array_equal(written, redrawn)

@@ -621,3 +621,17 @@ def test_bundle_validation_messages_name_the_file_and_field(good_bundle: Path, t
     with pytest.raises(BundleError, match=r"'\.\./outside\.safetensors' must be a bare"):
         Bundle.load(bundle)
     assert (tmp_path / "outside.safetensors").is_file()  # it exists: refused by name, not by absence
+
+
+def test_single_network_bundle_segments_with_the_default_head(tmp_path: Path) -> None:
+    """The default head (mean) of a seg-only bundle is its one head; asking for the other one is refused."""
+    b = make_bundle()
+    b.meta = {"training": {"trained": ["seg"]}}
+    bundle = b.save(tmp_path / "bundle")
+    scan = sorted((SAMPLE / "images").glob("*.nii.gz"))[0]
+    cpu = ["--model", bundle, "--backend", "torch", "--device", "cpu", "--no-progress"]
+    r = _run("segment", scan, "-o", tmp_path / "m", *cpu)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / scan.name).is_file()  # <case>.nii.gz, as for a two-network bundle
+    r = _run("segment", scan, "-o", tmp_path / "n", *cpu, "--head", "sdm")
+    assert "--head sdm needs the other network" in _one_error(r, 2)

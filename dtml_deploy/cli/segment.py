@@ -1,0 +1,99 @@
+"""`dtml segment`: scans in, masks (and optional maps, previews, a JSON report) out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dtml_deploy.cli.common import (
+    ENGINE_OPTIONS,
+    INPUT_OPTIONS,
+    POST_OPTIONS,
+    FormatName,
+    ModelOpt,
+    ProgressOpt,
+    bundle_path,
+    default_of,
+    exit_for_failures,
+    fail,
+    inference_settings,
+    load_for_backend,
+    require_viz,
+    setting,
+    user_errors,
+    with_shared,
+)
+from dtml_deploy.runner import SegmentJob
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
+    DICOM series (io/formats.find_scans); globs expanded."""
+    import glob
+
+    from dtml_deploy.io.formats import find_scans
+
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(find_scans(p))
+        elif not p.exists() and any(c in item for c in "*?["):
+            found.extend(Path(m) for m in sorted(glob.glob(item)))
+        else:
+            found.append(p)  # missing files are reported per case
+    return found
+
+
+@with_shared
+def segment(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
+    model: ModelOpt = None,
+    engine: Any = ENGINE_OPTIONS,
+    qc: Annotated[bool, typer.Option(help="Run both heads; report their agreement and the QC score")]
+        = setting("qc"),
+    post: Any = POST_OPTIONS,
+    save_prob: Annotated[bool, typer.Option(help="Also write <case>_prob.nii.gz")] = setting("save_prob"),
+    save_sdm: Annotated[bool, typer.Option(help="Also write <case>_sdm.nii.gz")] = setting("save_sdm"),
+    save_uncertainty: Annotated[bool, typer.Option(help="Also write <case>_uncertainty.nii.gz")]
+        = setting("save_uncertainty"),
+    output_format: Annotated[FormatName, typer.Option("--format", help=(
+        "Mask format: auto (the input's: NIfTI, NRRD, MHA; DICOM -> DICOM SEG + NIfTI), nii.gz, nrrd, mha, "
+        "dicom-seg (DICOM input only)"))] = FormatName(setting("output_format")),
+    preview: Annotated[bool, typer.Option(help="Also write <case>_preview.png: three slices with the mask outline "
+                                                "and the heads' disagreement (needs dtml[viz])")]
+        = setting("preview"),
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs")] = default_of(SegmentJob, "overwrite"),
+    json_report: Annotated[Path | None, typer.Option("--json", help="Write a per-case JSON report")]
+        = default_of(SegmentJob, "json_report"),
+    compile: Annotated[bool, typer.Option(help="torch.compile the networks (torch backend)")] = setting("compile"),
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        help="Replay CUDA graphs (torch backend; default on for CUDA)")] = setting("cuda_graphs"),
+    cudnn_fusion: Annotated[bool | None, typer.Option(
+        help="Fused cuDNN conv+ReLU (torch backend; default on for CUDA)")] = setting("cudnn_fusion"),
+    progress: ProgressOpt = default_of(SegmentJob, "progress"),
+    inputs_: Any = INPUT_OPTIONS,
+    **options: Any,
+) -> None:
+    """Segment scans with a bundle (fused sliding-window inference over both networks)."""
+    from dtml_deploy.runner import run_segment
+
+    with user_errors():
+        if preview:
+            require_viz("--preview")
+        model_path = bundle_path(model)
+        settings, _ = inference_settings(
+            model_path, qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
+            output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
+            cudnn_fusion=cudnn_fusion, **options)
+        bundle, settings = load_for_backend(settings)
+        job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
+                         progress=progress)
+        reports = run_segment(job, settings, bundle)
+    if not reports:
+        raise fail("no input scans found")
+    exit_for_failures(sum(r.status != "ok" for r in reports), len(reports))

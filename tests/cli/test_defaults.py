@@ -1,0 +1,128 @@
+"""Every option's default is its core default: walk each command's click parameters and compare them
+with the dataclass field the option sets. An option that sets no core field must be listed as such."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from enum import Enum
+from typing import Any
+
+import pytest
+import typer.main
+
+from dtml_deploy.cli import app
+from dtml_deploy.protocol import DTML, Protocol
+from dtml_deploy.runner import InferenceSettings, SegmentJob
+from export.benchmark import BenchmarkRequest
+from export.pipeline import ExportRequest
+from training.config import NOT_OPTIONS, OPTION_HELP, TrainConfig
+from training.losses import ConsistencyConfig
+
+# (core class, field) each option sets, per command; the option name when it differs from the field.
+_SEGMENT = {f.name: (InferenceSettings, f.name) for f in fields(InferenceSettings) if f.name != "model"}
+_SEGMENT["protocol"] = (Protocol, "name")  # the default protocol: DTML (its fields below)
+# Settings a protocol fixes: the option's default is None ("the protocol's"), and the default protocol's
+# value must be the core default of the setting.
+PROTOCOL_SET = {f.name for f in fields(Protocol)} - {"name"}
+_JOB = {"overwrite": (SegmentJob, "overwrite"), "json_report": (SegmentJob, "json_report"),
+        "progress": (SegmentJob, "progress")}
+CORE: dict[str, dict[str, tuple[type, str]]] = {
+    "segment": {**_SEGMENT, **_JOB},
+    "evaluate": {k: v for k, v in _SEGMENT.items() if k not in ("qc", "save_prob", "save_sdm", "save_uncertainty",
+                                                               "output_format", "preview", "compile",
+                                                               "cuda_graphs", "cudnn_fusion")},
+    "export": {f.name: (ExportRequest, f.name) for f in fields(ExportRequest)
+               if f.name not in ("bundle", "out_dir", "precisions", "trt_fp16")},
+    "benchmark": {"device": (BenchmarkRequest, "device"), "repeats": (BenchmarkRequest, "repeats"),
+                  "warmup": (BenchmarkRequest, "warmup"), "min_dice": (BenchmarkRequest, "min_dice"),
+                  "output": (BenchmarkRequest, "workdir")},
+}
+# Options that set no core field (paths, report files, switches of the command itself), per command.
+CLI_ONLY = {
+    "segment": {"inputs", "output", "model"},
+    "evaluate": {"pred_dir", "gt_dir", "model", "data", "labels", "cases", "json_out", "csv_out", "report",
+                 "ignore_geometry", "progress"},
+    "export": {"model", "output", "precision", "trt_precision"},
+    "benchmark": {"model", "data", "batch", "json_out", "formats", "plot", "progress"},
+    "plot": {"run_dir", "output"},
+    "train": {"data", "out", "labels", "case_list", "resume", "overwrite", "progress", "tensorboard"},
+}
+
+
+def _commands() -> dict[str, Any]:
+    return typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+def _default_of(cls: type, name: str) -> Any:
+    (f,) = [f for f in fields(cls) if f.name == name]
+    return f.default
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    return tuple(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("command", sorted(CLI_ONLY))
+def test_every_option_default_is_its_core_default(command: str) -> None:
+    params = {p.name: p for p in _commands()[command].params}
+    if command == "train":
+        core = {name: (TrainConfig if name in {f.name for f in fields(TrainConfig)} else ConsistencyConfig, name)
+                for name in OPTION_HELP}
+        core["recipe"] = (TrainConfig, "recipe")
+    else:
+        core = CORE.get(command, {})
+    assert set(params) == set(core) | CLI_ONLY[command], "an option is neither a core field nor listed CLI-only"
+    for name, (cls, field_name) in core.items():
+        expected = DTML.name if cls is Protocol else _default_of(cls, field_name)
+        got = _plain(params[name].default)
+        if command != "train" and name in PROTOCOL_SET:
+            assert got is None, f"{command} --{name}: the protocol sets it"
+            assert getattr(DTML, name) == expected, f"the dtml protocol's {name} is not InferenceSettings'"
+            continue
+        if command == "train" and name != "recipe":
+            # None keeps the recipe's value; --help shows the core default (the dtml recipe's)
+            assert got is None, name
+            shown = params[name].show_default
+            text = " ".join(map(str, expected)) if isinstance(expected, tuple) else str(expected)
+            if isinstance(expected, bool):
+                text = ("" if expected else "no-") + name.replace("_", "-")
+            assert shown is False if expected is None else str(shown).endswith(text), (name, shown, expected)
+        else:
+            assert got == expected, f"{command} --{name.replace('_', '-')}: {got!r} != {cls.__name__}.{field_name}"
+
+
+def test_export_trt_precision_default_follows_the_request() -> None:
+    params = {p.name: p for p in _commands()["export"].params}
+    fp16 = _default_of(ExportRequest, "trt_fp16")
+    assert _plain(params["trt_precision"].default) == ("fp16" if fp16 else "fp32")
+
+
+def test_every_train_config_field_is_an_option_or_set_by_the_recipe() -> None:
+    train_fields = {f.name for f in fields(TrainConfig)}
+    consistency_fields = {f.name for f in fields(ConsistencyConfig)}
+    assert set(OPTION_HELP) == (train_fields - set(NOT_OPTIONS)) | consistency_fields
+    assert set(NOT_OPTIONS) <= train_fields
+
+
+def test_choices_are_the_core_tuples() -> None:
+    from dtml_deploy.backends.base import BACKENDS, PRECISIONS
+    from dtml_deploy.engine.blending import BLENDS
+    from dtml_deploy.engine.sliding import HEADS
+    from dtml_deploy.intensity import POLICIES
+    from dtml_deploy.io.formats import OUTPUT_FORMATS
+    from training.recipes import RECIPES
+
+    seg = {p.name: p for p in _commands()["segment"].params}
+    expect = {"backend": BACKENDS, "precision": PRECISIONS, "blend": BLENDS, "head": HEADS, "intensity": POLICIES,
+              "output_format": OUTPUT_FORMATS}
+    for name, values in expect.items():
+        assert _choices(seg[name]) == values, name
+    train = {p.name: p for p in _commands()["train"].params}
+    assert _choices(train["recipe"]) == tuple(RECIPES)
+
+
+def _choices(param: Any) -> tuple[str, ...]:
+    """The values an enum option accepts (typer keeps the enum on the parameter's type descriptor)."""
+    return tuple(m.value for m in param.type_descriptor.annotation)

@@ -26,7 +26,7 @@ class InferenceSettings:
     """How a bundle segments a scan: backend, engine, pre/post-processing and the maps it keeps.
     The defaults are the engine's own (EngineConfig, GridSpec, SegmentOptions, BackendOptions)."""
 
-    model: Path
+    model: Path | None = None  # the bundle folder; None for a bundle handed to build_segmenter in memory
     backend: str = "auto"
     artifact: Path | None = None
     device: str = BackendOptions.device
@@ -93,7 +93,10 @@ def engine_config(req: InferenceSettings, bundle: Bundle) -> EngineConfig:
 def build_segmenter(req: InferenceSettings, bundle: Bundle | None = None) -> Segmenter:
     """The one way a segmenter is made (CLI, evaluation, benchmark): create the backend for `bundle`
     (loaded from `req.model` when not given) and bind them with the engine options of `req`."""
-    bundle = bundle if bundle is not None else Bundle.load(req.model)
+    if bundle is None:
+        if req.model is None:
+            raise ValueError("build_segmenter needs a bundle or InferenceSettings.model")
+        bundle = Bundle.load(req.model)
     engine = engine_config(req, bundle)
     precision = req.precision or default_precision(req.device)
     # The fastest measured CUDA configuration (benchmarks/results/segment_speed_h200.md) is the default.

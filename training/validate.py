@@ -5,15 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dtml_deploy.backends.base import BackendOptions
-from dtml_deploy.backends.torch_backend import TorchBackend
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig
-from dtml_deploy.engine.sliding import EngineConfig
 from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.metrics import dice
 from dtml_deploy.nets.dual import DualTaskNet
-from dtml_deploy.segment import Segmenter, SegmentOptions
+from dtml_deploy.runner import InferenceSettings, build_segmenter
 from training.data.cache import load_image, load_label
 
 
@@ -21,11 +18,12 @@ def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase,
              device: torch.device) -> dict[str, float]:
     """Mean Dice of each head (overlap 0.5, Gaussian blending, largest component) over `cases`."""
     bundle = Bundle.from_net(net, model_cfg)
-    opts = BackendOptions(device=str(device), precision="fp32", batch=2)
-    # One backend per head, each running only its own network: every network runs once per case.
-    segmenters = {head: Segmenter(bundle, TorchBackend(bundle, opts, (channel,)),
-                                  SegmentOptions(engine=EngineConfig(head=head, qc=False)))  # type: ignore[arg-type]
-                  for head, channel in (("seg", "p_seg"), ("sdm", "p_dis"))}
+    # One segmenter per head, each running only its own network (no QC): every network runs once per case,
+    # in fp32, without the CUDA inference extras (graph capture in the middle of training buys nothing).
+    segmenters = {head: build_segmenter(InferenceSettings(backend="torch", device=str(device), precision="fp32",
+                                                          batch=2, head=head, qc=False, cuda_graphs=False,
+                                                          cudnn_fusion=False), bundle)
+                  for head in ("seg", "sdm")}
     scores: dict[str, list[float]] = {head: [] for head in segmenters}
     for case in cases:
         img = load_image(case)

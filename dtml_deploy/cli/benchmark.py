@@ -66,10 +66,12 @@ def benchmark(
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with user_errors():
+        from dtml_deploy.io.reports import check_report_path
         from export import benchmark as bench
 
-        if json_out is not None and json_out.is_dir():
-            raise ValueError(f"--json {json_out}: is a folder; give a file name")
+        for path, what in ((json_out, "the JSON report"), (plot, "the chart")):
+            if path is not None:  # refused before minutes of timing, not after
+                check_report_path(path, what)
         if plot is not None:
             require_viz("--plot")
         req = BenchmarkRequest(

@@ -120,7 +120,7 @@ def _check_outputs(json_out: Path | None, csv_out: Path | None, report: Path | N
     """Refuse unusable report paths before any work; the thumbnail collector when --report is given."""
     from dtml_deploy.io.reports import check_report_path
 
-    for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report")):
+    for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report"), (report, "the HTML report")):
         if path is not None:
             check_report_path(path, what)
     if report is None:

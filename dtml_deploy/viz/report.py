@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.viz.figure import figure_png
 from dtml_deploy.viz.preview import THUMBNAIL, PreviewStyle, preview_png, preview_title
 from dtml_deploy.viz.report_plots import distributions_figure, scatter_figure
@@ -179,5 +179,5 @@ def write_html_report(path: Path, rows: list[dict[str, Any]], summary: dict[str,
                       extra: dict[str, Any] | None = None, thumbs: dict[str, bytes] | None = None,
                       options: ReportOptions = ReportOptions()) -> Path:
     """Write the page atomically."""
-    atomic_write_text(Path(path), build_html(rows, summary, extra, thumbs, options))
+    write_report_text(Path(path), build_html(rows, summary, extra, thumbs, options), "the HTML report")
     return Path(path)

@@ -616,10 +616,12 @@ def _label_as_prediction(sample_root: Path, tmp_path: Path) -> tuple[Path, str]:
     return pred, cid
 
 
-@pytest.mark.parametrize("which", ["json", "csv"])
+@pytest.mark.parametrize("which", ["json", "csv", "report"])
 @pytest.mark.parametrize("where", ["folder", "read-only"])
 def test_evaluate_report_that_cannot_be_written(which: str, where: str, sample_root: Path, gt_dir: Path,
                                                  tmp_path: Path) -> None:
+    if which == "report":
+        pytest.importorskip("matplotlib")
     pred, _ = _label_as_prediction(sample_root, tmp_path)
     if where == "folder":
         target = tmp_path / f"report.{which}"

@@ -18,6 +18,7 @@ and count in their means; the distances are undefined and left out of theirs (th
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -26,16 +27,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.datasets import LabeledCase
+from dtml_deploy.io.extent import voxel_estimate
 from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
 from dtml_deploy.metrics import case_metrics, summarise
+from dtml_deploy.ranks import Beat, Ranks, ShardSettings, run_cases
 from dtml_deploy.segment import Segmenter, case_error, case_name
 
 COLUMNS = ("dice", "jaccard", "asd", "hd95", "asd_mm", "hd95_mm")
@@ -145,17 +148,48 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
     return rows, unscored
 
 
+class CarriedOutputs(Protocol):
+    """A `visit` hook that keeps a per-case output (report thumbnails) which must reach rank 0."""
+
+    def take(self, case: str) -> bytes | None: ...
+
+    def put(self, case: str, data: bytes) -> None: ...
+
+
 def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
                 progress: Callable[[str], None] | None = None,
-                ignore_geometry: bool = False, visit: Callable[..., None] | None = None) -> list[dict[str, Any]]:
+                ignore_geometry: bool = False, visit: Callable[..., None] | None = None,
+                ranks: Ranks = Ranks(), shard: ShardSettings = ShardSettings()) -> list[dict[str, Any]] | None:
     """Segment each case's image with `segmenter` and score it against its label; a case that fails
     (unreadable image or label, grids that differ, limits, ...) is a 'failed' row. `visit(case, mask=,
-    label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails)."""
-    return [_score_case(segmenter, case, ignore_geometry, progress, visit) for case in cases]
+    label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails).
+    Under torchrun the cases are shared among the ranks (dtml_deploy/ranks.py): rank 0 returns every row
+    in case order (a case the job stopped before is a failed row), and receives what a `CarriedOutputs`
+    visit kept on the other ranks; the other ranks return None. `progress(case)` runs on rank 0 as each
+    case arrives."""
+    carried = ranks.distributed and hasattr(visit, "take")
+
+    def work(i: int, beat: Beat) -> dict[str, Any]:
+        row = _score_case(segmenter, cases[i], ignore_geometry, visit, beat)
+        data = visit.take(cases[i].case_id) if carried else None  # type: ignore[union-attr]
+        return {"row": row, "carried": base64.b64encode(data).decode("ascii") if data else None}
+
+    def on_result(i: int, result: dict[str, Any]) -> None:  # rank 0 only
+        if result["carried"] is not None:
+            visit.put(cases[i].case_id, base64.b64decode(result["carried"]))  # type: ignore[union-attr]
+        if progress is not None:
+            progress(cases[i].case_id)
+
+    sizes = [voxel_estimate(c.image.path, c.image.dataset) for c in cases] if ranks.distributed else [1] * len(cases)
+    outcome = run_cases(sizes, work, on_result, ranks, shard, "evaluate", [c.case_id for c in cases])
+    if outcome is None:
+        return None
+    return [r["row"] if r is not None else _failed(c.case_id, f"{c.image.path}: not scored: {outcome.stopped}")
+            for c, r in zip(cases, outcome.results)]
 
 
 def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
-                progress: Callable[[str], None] | None, visit: Callable[..., None] | None) -> dict[str, Any]:
+                visit: Callable[..., None] | None, beat: Beat) -> dict[str, Any]:
     spacing, opts = segmenter.bundle.model.spacing, segmenter.options
     try:
         # challenge cases are preprocessed as for training (io/challenge.py)
@@ -166,7 +200,7 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
             raise InputError(f"{case.label.path}: not on the image's grid ({case.image.path}): {bad}")
         t = time.perf_counter()
         seg = segmenter.segment_array(img.array, None if "spacing" in img.guessed else img.spacing,
-                                      str(case.image.path))
+                                      str(case.image.path), lambda done, total: beat())
         seconds = time.perf_counter() - t
         row = _score(seg.mask.astype(bool), _binary(lab.array, case.label.path), img.spacing, case.case_id)
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
@@ -180,8 +214,6 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
                   image=img.array, uncertainty=seg.uncertainty)
     except Exception as e:  # one case never stops the others
         row = _failed(case.case_id, case_error(case.image.path, e))
-    if progress is not None:
-        progress(case.case_id)
     return row
 
 

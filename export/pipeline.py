@@ -9,6 +9,7 @@ fp32 on a real case is what `dtml benchmark`'s TensorRT row measures.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -198,18 +199,22 @@ def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable
     on every use: a truncated, edited or unrecorded graph is exported again, with a note."""
     root = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dtml" / bundle.content_hash
             / f"dtml-{__version__}")
-    path = artifact_path(root, "onnx", precision)
-    digest_file = path.with_name(path.name + ".sha256")
-    if path.is_file():
-        recorded = digest_file.read_text().strip() if digest_file.is_file() else None
-        if recorded is not None and recorded == file_sha256(path):
-            return path
-        why = ("has no recorded SHA-256" if recorded is None
-               else "does not match its recorded SHA-256 (corrupt or modified)")
-        echo(f"note: the cached ONNX graph {path} {why}; exporting it again")
-    else:
-        echo(f"exporting {precision} ONNX of {bundle_dir} to {path} (once)")
-    digest_file.unlink(missing_ok=True)  # never a digest describing another graph
-    export_verified_onnx(bundle, path, precision)
-    atomic_write_text(digest_file, file_sha256(path) + "\n")
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    # Ranks of a torchrun launch on one node share the cache: one exports, the others wait and reuse it.
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = artifact_path(root, "onnx", precision)
+        digest_file = path.with_name(path.name + ".sha256")
+        if path.is_file():
+            recorded = digest_file.read_text().strip() if digest_file.is_file() else None
+            if recorded is not None and recorded == file_sha256(path):
+                return path
+            why = ("has no recorded SHA-256" if recorded is None
+                   else "does not match its recorded SHA-256 (corrupt or modified)")
+            echo(f"note: the cached ONNX graph {path} {why}; exporting it again")
+        else:
+            echo(f"exporting {precision} ONNX of {bundle_dir} to {path} (once)")
+        digest_file.unlink(missing_ok=True)  # never a digest describing another graph
+        export_verified_onnx(bundle, path, precision)
+        atomic_write_text(digest_file, file_sha256(path) + "\n")
+        return path

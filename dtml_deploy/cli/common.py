@@ -48,6 +48,8 @@ def default_of(cls: type, name: str) -> Any:
     raise AttributeError(f"{cls.__name__} has no field {name!r}")
 
 
+RankTimeoutOpt = Annotated[float, typer.Option(
+    min=1.0, help="Under torchrun: seconds a rank may show no progress (no finished window) before the job stops")]
 BackendName = choices("BackendName", BACKENDS)
 PrecisionName = choices("PrecisionName", PRECISIONS)
 HeadName = choices("HeadName", HEADS)
@@ -155,11 +157,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 def user_errors() -> Iterator[None]:
     """Turn the toolkit's errors (and bad option values) into one line and exit code 2."""
     from dtml_deploy.errors import DtmlError
+    from dtml_deploy.ranks import JobStopped
 
     try:
         yield
     except (DtmlError, ValueError, FileExistsError) as e:
         raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except JobStopped as e:  # a rank of a torchrun launch told to stop: its finished cases are written
+        raise fail(f"stopped by {e} (torchrun ended the job; see its report)", 143) from None
 
 
 def bundle_path(model: Path | None) -> Path:

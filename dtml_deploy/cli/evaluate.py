@@ -13,8 +13,10 @@ from dtml_deploy.cli.common import (
     INPUT_OPTIONS,
     POST_OPTIONS,
     ProgressOpt,
+    RankTimeoutOpt,
     bundle_path,
     checked_spacing,
+    default_of,
     echo_err,
     exit_for_failures,
     inference_settings,
@@ -23,6 +25,7 @@ from dtml_deploy.cli.common import (
     user_errors,
     with_shared,
 )
+from dtml_deploy.ranks import ShardSettings
 
 
 def _unique(ids: list[str], cases: str) -> list[str]:
@@ -51,10 +54,13 @@ def case_list(source: object, cases: str) -> list[str]:
 
 def _score_with_model(data: Path, labels: Path | None, cases: str | None, model: Path | None,
                       options: dict[str, Any], progress: bool, ignore_geometry: bool,
-                      visit: Callable[..., None] | None) -> tuple[list[dict], dict[str, object]]:
-    """Segment the listed cases of a data root with a bundle and score them; rows and the run's record."""
+                      visit: Callable[..., None] | None,
+                      rank_timeout: float) -> tuple[list[dict], dict[str, object]] | None:
+    """Segment the listed cases of a data root with a bundle and score them; rows and the run's record.
+    Under torchrun the cases are shared among the ranks; rank 0 gets every row, the others None."""
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
+    from dtml_deploy.ranks import Ranks, ShardSettings
     from dtml_deploy.runner import build_segmenter
 
     source = open_source(data, labels_dir=labels)
@@ -62,12 +68,19 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     model_path = bundle_path(model)
     settings, proto = inference_settings(model_path, qc=True, **options)
     bundle, settings = load_for_backend(settings)
-    segmenter = build_segmenter(settings, bundle)
-    typer.echo(f"segmenting {len(ids)} cases with {segmenter.backend.describe()}", err=True)
+    ranks = Ranks.from_env()
+    segmenter = build_segmenter(settings, bundle, ranks)
+    if ranks.is_main:
+        on = f" on {ranks.world_size} ranks (rank 0: " if ranks.distributed else " with "
+        typer.echo(f"segmenting {len(ids)} cases{on}{segmenter.backend.describe()}{')' * ranks.distributed}",
+                   err=True)
     done: list[str] = []
     rows = score_model(segmenter, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))
-                       if progress else None, ignore_geometry=ignore_geometry, visit=visit)
+                       if progress else None, ignore_geometry=ignore_geometry, visit=visit, ranks=ranks,
+                       shard=ShardSettings(stall_timeout_s=rank_timeout))
+    if rows is None:
+        return None
     _warn_guessed(rows, segmenter.bundle.model.spacing)
     extra = {"model": str(settings.model), "bundle_hash": segmenter.bundle.content_hash,
              "backend": segmenter.backend.describe(), "cases_from": cases,
@@ -147,12 +160,16 @@ def evaluate(
         help="Write a self-contained HTML report: summary, sortable cases with previews, charts (needs dtml[viz])")]
         = None,
     progress: ProgressOpt = True,
+    rank_timeout: RankTimeoutOpt = default_of(ShardSettings, "stall_timeout_s"),
     inputs_: Any = INPUT_OPTIONS,
     ignore_geometry: Annotated[bool, typer.Option(
         help="Score a prediction whose affine differs from its label's (the shapes must still match)")] = False,
     **options: Any,
 ) -> None:
-    """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases."""
+    """Score masks (PRED_DIR GT_DIR), or segment and score with --model --data --cases. Under torchrun
+    --model's cases are shared among the ranks (one per GPU, or CPU processes); rank 0 scores and reports."""
+    from dtml_deploy.ranks import Ranks
+
     with user_errors():
         thumbs = _check_outputs(json_out, csv_out, report)
         visit: Callable[..., None] | None = thumbs  # type: ignore[assignment]
@@ -160,8 +177,14 @@ def evaluate(
             if data is None:
                 raise ValueError("--model needs --data (and usually --cases)")
             options["save_uncertainty"] = report is not None
-            rows, extra = _score_with_model(data, labels, cases, model, options, progress, ignore_geometry, visit)
+            scored = _score_with_model(data, labels, cases, model, options, progress, ignore_geometry, visit,
+                                       rank_timeout)
+            if scored is None:  # another rank of a torchrun launch: rank 0 reports every case
+                return
+            rows, extra = scored
         elif pred_dir is not None and gt_dir is not None:
+            if not Ranks.from_env().is_main:  # masks on disk need no devices: rank 0 scores them all
+                return
             rows, extra = _score_folder_pair(pred_dir, gt_dir, ignore_geometry, checked_spacing(options["spacing"]),
                                              visit)
         else:

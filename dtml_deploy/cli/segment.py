@@ -14,6 +14,7 @@ from dtml_deploy.cli.common import (
     FormatName,
     ModelOpt,
     ProgressOpt,
+    RankTimeoutOpt,
     bundle_path,
     default_of,
     exit_for_failures,
@@ -25,6 +26,7 @@ from dtml_deploy.cli.common import (
     user_errors,
     with_shared,
 )
+from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
 
@@ -76,13 +78,17 @@ def segment(
     cudnn_fusion: Annotated[bool | None, typer.Option(
         help="Fused cuDNN conv+ReLU (torch backend; default on for CUDA)")] = setting("cudnn_fusion"),
     progress: ProgressOpt = default_of(SegmentJob, "progress"),
+    rank_timeout: RankTimeoutOpt = default_of(ShardSettings, "stall_timeout_s"),
     inputs_: Any = INPUT_OPTIONS,
     **options: Any,
 ) -> None:
-    """Segment scans with a bundle (fused sliding-window inference over both networks)."""
+    """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
+    scans are shared among the ranks (one per GPU, or CPU processes); rank 0 writes the report."""
+    from dtml_deploy.ranks import Ranks
     from dtml_deploy.runner import run_segment
 
     with user_errors():
+        ranks = Ranks.from_env()
         if preview:
             require_viz("--preview")
         model_path = bundle_path(model)
@@ -93,7 +99,9 @@ def segment(
         bundle, settings = load_for_backend(settings)
         job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
-        reports = run_segment(job, settings, bundle)
+        reports = run_segment(job, settings, bundle, ranks, ShardSettings(stall_timeout_s=rank_timeout))
+    if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
+        return
     if not reports:
         raise fail("no input scans found")
     exit_for_failures(sum(r.status != "ok" for r in reports), len(reports))

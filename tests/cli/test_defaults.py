@@ -12,6 +12,7 @@ import typer.main
 
 from dtml_deploy.cli import app
 from dtml_deploy.protocol import DTML, Protocol
+from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import InferenceSettings, SegmentJob
 from export.benchmark import BenchmarkRequest
 from export.pipeline import ExportRequest
@@ -25,12 +26,13 @@ _SEGMENT["protocol"] = (Protocol, "name")  # the default protocol: DTML (its fie
 # value must be the core default of the setting.
 PROTOCOL_SET = {f.name for f in fields(Protocol)} - {"name"}
 _JOB = {"overwrite": (SegmentJob, "overwrite"), "json_report": (SegmentJob, "json_report"),
-        "progress": (SegmentJob, "progress")}
+        "progress": (SegmentJob, "progress"), "rank_timeout": (ShardSettings, "stall_timeout_s")}
 CORE: dict[str, dict[str, tuple[type, str]]] = {
     "segment": {**_SEGMENT, **_JOB},
-    "evaluate": {k: v for k, v in _SEGMENT.items() if k not in ("qc", "save_prob", "save_sdm", "save_uncertainty",
-                                                               "output_format", "preview", "compile",
-                                                               "cuda_graphs", "cudnn_fusion")},
+    "evaluate": {**{k: v for k, v in _SEGMENT.items() if k not in ("qc", "save_prob", "save_sdm", "save_uncertainty",
+                                                                  "output_format", "preview", "compile",
+                                                                  "cuda_graphs", "cudnn_fusion")},
+                 "rank_timeout": (ShardSettings, "stall_timeout_s")},
     "export": {f.name: (ExportRequest, f.name) for f in fields(ExportRequest)
                if f.name not in ("bundle", "out_dir", "precisions", "trt_fp16")},
     "benchmark": {"device": (BenchmarkRequest, "device"), "repeats": (BenchmarkRequest, "repeats"),

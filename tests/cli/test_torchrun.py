@@ -1,0 +1,150 @@
+"""`dtml segment` and `dtml evaluate --model` under torchrun: 2 CPU processes against 1, and ranks that fail.
+
+Each test launches torchrun for real (`python -m torch.distributed.run --nproc-per-node 2`), so the
+ranks meet through torchrun's own store exactly as on a multi-GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dtml_deploy.io.extent import voxel_estimate
+from dtml_deploy.ranks import balanced_shards
+from tests.conftest import REPO, centred_bundle_dir, sample_ids
+
+pytestmark = pytest.mark.slow  # each launch starts two Python processes with torch (seconds each)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dtml(args: list[str], ranks: int | None, env: dict[str, str] | None = None,
+          entry: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dtml ARGS` in a fresh process, or under torchrun with `ranks` CPU processes (one thread each)."""
+    entry = entry or ["-m", "dtml_deploy"]
+    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                                         "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
+    return subprocess.run([sys.executable, *launcher, *entry, *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+def _without_timing(report: dict) -> list[dict]:
+    cases = []
+    for case in report["cases"]:
+        case = {k: v for k, v in case.items() if k != "seconds"}
+        case["output"] = case["output"] and Path(case["output"]).name
+        cases.append(case)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def scans(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four real scans (the sample's three and a copy) and a bundle whose masks are part foreground."""
+    root = tmp_path_factory.mktemp("torchrun")
+    ids = sample_ids(sample_root)
+    folder = root / "scans"
+    folder.mkdir()
+    for i, cid in enumerate([*ids, ids[0]]):
+        shutil.copy(sample_root / "images" / f"{cid}.nii.gz", folder / f"case{i}.nii.gz")
+    return {"folder": folder, "bundle": centred_bundle_dir(sample_root, root), "root": root}
+
+
+def test_two_ranks_write_what_one_process_writes_and_a_bad_input_fails_alone(scans: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    inputs = sorted(scans["folder"].glob("*.nii.gz"))[:3]
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    inputs.insert(2, bad)
+    shards = balanced_shards([voxel_estimate(p) for p in inputs], 2)
+    # the split this test relies on: the bad input shares rank 1 with a good case, rank 0 has good ones
+    assert shards == [[0, 3], [1, 2]]
+    args = ["segment", *map(str, inputs), "--model", str(scans["bundle"]), "--no-progress", "--save-prob"]
+    one = _dtml([*args, "-o", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")], None)
+    two = _dtml([*args, "-o", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")], 2)
+    assert one.returncode == 1, one.stderr
+    assert two.returncode != 0, two.stderr  # torchrun passes on rank 0's 1: some case failed
+    assert "exitcode  : 1" in two.stderr and "rank      : 0" in two.stderr
+    r1, r2 = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert (r1["ranks"], r2["ranks"]) == (1, 2)
+    assert _without_timing(r1) == _without_timing(r2)
+    assert [c["status"] for c in r2["cases"]] == ["ok", "ok", "failed", "ok"]
+    assert "broken.nii.gz" in r2["cases"][2]["error"]
+    for name in (f"case{i}{s}.nii.gz" for i in range(3) for s in ("", "_prob")):
+        a = np.asarray(nib.load(tmp_path / "one" / name).dataobj)
+        b = np.asarray(nib.load(tmp_path / "two" / name).dataobj)
+        assert np.array_equal(a, b), name
+    masks = [np.asarray(nib.load(tmp_path / "two" / f"case{i}.nii.gz").dataobj) for i in range(3)]
+    assert all(0 < m.sum() < m.size for m in masks)  # real masks, not empty ones that agree trivially
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    # rank 0 printed every case once, the error line once, and the summary; no rank printed a traceback
+    # (torchrun prints its own for the exit code 1)
+    err = two.stderr
+    assert all(err.count(f"case{i}: ") == 1 for i in range(3)), err
+    assert err.count("error: ") == 1 and "3 of 4 scan(s) segmented on 2 ranks" in err
+    assert "dtml_deploy/" not in err
+
+
+def test_two_ranks_evaluate_like_one_process(sample_root: Path, scans: dict[str, Path], tmp_path: Path) -> None:
+    args = ["evaluate", "--model", str(scans["bundle"]), "--data", str(sample_root), "--no-progress"]
+    one = _dtml([*args, "--json", str(tmp_path / "one.json")], None)
+    two = _dtml([*args, "--json", str(tmp_path / "two.json"), "--report", str(tmp_path / "two.html")], 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    r1, r2 = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    strip = [{k: v for k, v in c.items() if k != "seconds"} for c in r1["cases"]]
+    assert strip == [{k: v for k, v in c.items() if k != "seconds"} for c in r2["cases"]]
+    assert [c["case"] for c in r2["cases"]] == sample_ids(sample_root)
+    drop = ("seconds",)
+    assert {k: v for k, v in r1["summary"].items() if k not in drop} == \
+        {k: v for k, v in r2["summary"].items() if k not in drop}
+    assert r2["summary"]["cases"]["scored"] == 3 and r2["summary"]["dice"]["count"] == 3
+    # the summary table is printed once, by rank 0, and the HTML report has every case's thumbnail,
+    # including those drawn on rank 1
+    assert two.stdout.count("Dice") == one.stdout.count("Dice") >= 1
+    html = (tmp_path / "two.html").read_text()
+    assert html.count("data:image/png;base64") >= 3
+    for cid in sample_ids(sample_root):
+        assert cid in html
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_a_rank_that_dies_or_hangs_ends_the_job_with_the_report_written(scans: dict[str, Path], tmp_path: Path,
+                                                                         fault: str) -> None:
+    inputs = sorted(scans["folder"].glob("*.nii.gz"))
+    assert balanced_shards([voxel_estimate(p) for p in inputs], 2) == [[0, 2], [1, 3]]
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    args = ["segment", *map(str, inputs), "--model", str(scans["bundle"]), "-o", str(out), "--json", str(report),
+            "--no-progress", "--rank-timeout", "5"]
+    res = _dtml(args, 2, {"DTML_TEST_FAULT": f"1:{fault}:case3"},
+                entry=[str(REPO / "tests" / "cli" / "torchrun_faults.py")], timeout=240)
+    assert res.returncode != 0
+    cases = json.loads(report.read_text())["cases"]
+    by_name = {Path(c["input"]).name: c for c in cases}
+    assert len(cases) == 4 and by_name["case3.nii.gz"]["status"] == "failed"
+    why = "showed no progress for" if fault == "hang" else "the job was stopped (SIGTERM"
+    assert why in by_name["case3.nii.gz"]["error"], by_name["case3.nii.gz"]
+    assert f"error: {'rank 1 showed no progress' if fault == 'hang' else 'the job was stopped'}" in res.stderr
+    # rank 1 finished case1 before the fault: it is in the report and on disk; whatever a rank had not
+    # finished is marked so and left nothing behind, not even a hidden temporary file
+    assert by_name["case1.nii.gz"]["status"] == "ok"
+    for c in cases:
+        mask = out / Path(c["input"]).name
+        assert mask.is_file() == (c["status"] == "ok"), c
+        if c["status"] != "ok":
+            assert "not segmented" in c["error"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(c["input"]).name for c in cases if c["status"] == "ok")

@@ -168,12 +168,11 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
     on = f" on {ranks.world_size} ranks (rank 0: {backend.describe()})" if ranks.distributed else ""
     say(f"dtml: {len(job.inputs)} scan(s) with {backend.describe()}" if not on else
         f"dtml: {len(job.inputs)} scan(s){on}")
-    if req.precision is None and backend.name == "torch" and backend.device.type == "cpu":
-        from dtml_deploy.backends.torch_backend import cpu_has_native_bf16
+    from dtml_deploy.backends.torch_backend import cpu_precision_note
 
-        if cpu_has_native_bf16():
-            say("  tip: this CPU computes bf16 natively; --precision bf16 is about 2x faster (masks agreed "
-                "with fp32 at Dice 0.9994 on the shipped model); fp32 stays the faithful default")
+    note = cpu_precision_note(backend.name, backend.device, backend.options.precision, req.precision is not None)
+    if note:
+        say(note)
     names = [case_name(p) for p in job.inputs]
     dupes = {n for n in names if names.count(n) > 1}
     guessed: list[bool] = []

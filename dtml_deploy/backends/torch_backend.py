@@ -27,6 +27,22 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_precision_note(backend_name: str, device: torch.device, precision: str, chosen: bool) -> str | None:
+    """A console line about bf16 on this CPU: a tip where it computes bf16 natively and fp32 was the
+    default, a warning where bf16 was chosen but is emulated (one window took 330 s in bf16 against 3.6 s
+    in fp32 on a 2-core EPYC without AVX512-BF16, one thread each)."""
+    if backend_name != "torch" or device.type != "cpu":
+        return None
+    native = cpu_has_native_bf16()
+    if native and not chosen:
+        return ("  tip: this CPU computes bf16 natively; --precision bf16 is about 2x faster (masks agreed with fp32 "
+                "at Dice 0.9994 on the shipped model); fp32 stays the faithful default")
+    if precision == "bf16" and not native:
+        return ("  warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --precision bf16 is emulated and "
+                "about 90x slower than fp32 here; use --precision fp32")
+    return None
+
+
 class InferencePair(nn.Module):
     """Runs only the networks the requested channels need; sigmoid/tanh in fp32 on the head output."""
 

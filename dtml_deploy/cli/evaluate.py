@@ -58,6 +58,7 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
                       rank_timeout: float) -> tuple[list[dict], dict[str, object]] | None:
     """Segment the listed cases of a data root with a bundle and score them; rows and the run's record.
     Under torchrun the cases are shared among the ranks; rank 0 gets every row, the others None."""
+    from dtml_deploy.backends.torch_backend import cpu_precision_note
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
     from dtml_deploy.ranks import Ranks, ShardSettings
@@ -74,6 +75,10 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
         on = f" on {ranks.world_size} ranks (rank 0: " if ranks.distributed else " with "
         typer.echo(f"segmenting {len(ids)} cases{on}{segmenter.backend.describe()}{')' * ranks.distributed}",
                    err=True)
+        backend = segmenter.backend
+        note = cpu_precision_note(backend.name, backend.device, backend.options.precision, True)
+        if note:
+            typer.echo(note, err=True)
     done: list[str] = []
     rows = score_model(segmenter, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))

@@ -532,3 +532,17 @@ def test_stride_larger_than_patch_is_refused(sample_root: Path, bundle_dir: Path
     assert r.exit_code == 2 and len(_error_lines(r)) == 1
     assert "stride (40, 16, 16) exceeds the patch (32, 32, 32)" in r.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_chosen_on_a_cpu_that_emulates_it_is_warned(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    import torch
+
+    import dtml_deploy.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    warned = tb.cpu_precision_note("torch", cpu, "bf16", chosen=True)
+    assert (warned is not None and "warning: this CPU has no native bf16" in warned) == (not native)
+    assert tb.cpu_precision_note("torch", cpu, "fp32", chosen=True) is None
+    assert tb.cpu_precision_note("onnx", cpu, "bf16", chosen=True) is None  # the torch backend's own matter

@@ -9,6 +9,7 @@ Sources (each written by the script named in its table's caption):
   ../dtml_deploy/default_model/config.json                           <- the training run itself
   results/metrics_speed_cpu.json, results/backend_speed_cpu.json     <- metrics_speed.py / backend_speed.py --json
   results/qc_calibration_cpu.json                                    <- qc_calibration.py analyse
+  results/scaling_cpu.json                                           <- scaling.py --json
 """
 
 from __future__ import annotations
@@ -149,6 +150,22 @@ def dtml_benchmark_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(doc: dict) -> str:
+    lines = [f"{doc['device']}, {doc['machine']}, {doc['cores']} cores", "",
+             "| ranks | threads/rank | cases | segmenting s | cases/s | speed-up | launch to exit s | speed-up incl. "
+             "start | masks as 1 rank |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['ranks']} | | | failed: {r['error']} | | | | | |")
+            continue
+        threads = r.get("threads_per_rank") or ""
+        lines.append(f"| {r['ranks']} | {threads} | {r['cases']} | {r['segment_seconds']:.1f} | "
+                     f"{r['cases_per_s']:.3f} | "
+                     f"{fmt(r.get('speedup'))}x | {r['wall_seconds']:.1f} | "
+                     f"{fmt(r.get('speedup_wall'))}x | {'identical' if r.get('masks_match_first') else 'DIFFERENT'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for name, title in (("segment_speed_h200.json", "GPU"), ("segment_speed_cpu.json", "CPU")):
         doc = load(name)
@@ -170,6 +187,11 @@ def main() -> None:
     if doc:
         print("**Backends side by side with the shipped model**\n")
         print(dtml_benchmark_table(doc), end="\n\n")
+    for name in ("scaling_h200.json", "scaling_cpu.json"):
+        doc = load(name)
+        if doc:
+            print("**Cases per second across torchrun ranks** (`benchmarks/scaling.py`)\n")
+            print(scaling_table(doc), end="\n\n")
     for name, title in (("metrics_speed_cpu.json", "Metrics speed"), ("backend_speed_cpu.json", "Backend speed")):
         doc = load(name)
         if doc:

@@ -148,3 +148,25 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_with_the_report_written(scans: d
         if c["status"] != "ok":
             assert "not segmented" in c["error"]
     assert sorted(p.name for p in out.iterdir()) == sorted(Path(c["input"]).name for c in cases if c["status"] == "ok")
+
+
+def test_two_nodes_share_the_cases_through_a_c10d_rendezvous(scans: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """Two torchrun agents as two nodes (one process each, both LOCAL_RANK 0) meeting at one endpoint."""
+    inputs = sorted(scans["folder"].glob("*.nii.gz"))[:3]
+    port = _free_port()
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", "dtml-test", "-m", "dtml_deploy"]
+    args = ["segment", *map(str, inputs), "--model", str(scans["bundle"]), "-o", str(tmp_path / "out"),
+            "--json", str(tmp_path / "report.json"), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *node, *args], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ranks"] == 2 and [c["status"] for c in report["cases"]] == ["ok"] * 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"case{i}.nii.gz" for i in range(3)]
+    # exactly one agent's rank 0 printed the summary
+    assert sum("3 of 3 scan(s) segmented on 2 ranks" in err for _, err in outs) == 1

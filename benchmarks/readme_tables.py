@@ -151,7 +151,8 @@ def dtml_benchmark_table(doc: dict) -> str:
 
 
 def scaling_table(doc: dict) -> str:
-    lines = [f"{doc['device']}, {doc['machine']}, {doc['cores']} cores", "",
+    where = "one GPU per rank" if str(doc["device"]).startswith("cuda") else "the CPU's cores split among the ranks"
+    lines = [f"{doc['machine']}; {where}", "",
              "| ranks | threads/rank | cases | segmenting s | cases/s | speed-up | launch to exit s | speed-up incl. "
              "start | masks as 1 rank |", "|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:

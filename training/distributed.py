@@ -1,13 +1,13 @@
 """torchrun support: one process per GPU (or CPU process on gloo), DistributedDataParallel.
 
-W ranks with per-rank batch B train the model that one process trains with batch W * B (see README,
-"Several GPUs"): the sampler hands each rank its slice of the global batch (data/sampler.py), DDP
+W ranks with per-rank batch B train the model that one process trains with batch W * B (README,
+training): the sampler hands each rank its slice of the global batch (data/sampler.py), DDP
 averages the gradients (equal to the global mean of every per-voxel mean loss), the batch-pooled Dice
 sums its statistics over the ranks (`rank_sum`), dropout draws the global batch's masks on every rank
 and keeps its slice (`GlobalBatchDropout3d`), and BatchNorm is SyncBatchNorm on CUDA. Not on the CPU:
 torch's SyncBatchNorm refuses CPU tensors, so there each rank normalises with its own batch statistics
 (DDP copies rank 0's running statistics to the others) and the weights drift from the one-process run
-(measured in tests/training/test_ddp.py); instance and group norm are exact.
+(README: the measured drift); group and instance norm are per sample and so exact up to fp32 rounding.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ class TrainConfig:
     labeled: int = 16  # number of labeled cases (splits.json's labeled_<n>, else the first n)
     unlabeled: int | None = None  # None: all remaining cases; 0: labeled only
     val_cases: int = 0  # carved from the end of the non-labeled list, excluded from training
-    labeled_bs: int = 2
-    unlabeled_bs: int = 2
+    labeled_bs: int = 2  # per rank; W torchrun ranks train on a global batch of W * labeled_bs
+    unlabeled_bs: int = 2  # per rank, as labeled_bs
     patch: tuple[int, int, int] = (112, 112, 80)
     intensity: str = "auto"  # z-score volumes unless already z-scored, exactly as inference does
     # networks
@@ -130,8 +130,8 @@ OPTION_HELP: dict[str, str] = {
     "unlabeled": "Number of unlabeled cases (default: all others)",
     "val_cases": "Validation cases carved from the non-labeled list",
     "iterations": "Training iterations",
-    "labeled_bs": "Labeled patches per batch",
-    "unlabeled_bs": "Unlabeled patches per batch",
+    "labeled_bs": "Labeled patches per batch (per rank under torchrun: the global batch is ranks x this)",
+    "unlabeled_bs": "Unlabeled patches per batch (per rank under torchrun: the global batch is ranks x this)",
     "patch": "Patch size X Y Z",
     "n_filters": "V-Net width",
     "norm": "Normalisation layers",

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -23,29 +24,37 @@ Supervision = Literal["mask", "dis", "dis+mask"]
 SUPERVISIONS: tuple[str, ...] = ("mask", "dis", "dis+mask")
 Schedule = Literal["code", "paper"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
+# Sums a tensor over the ranks of a distributed run, differentiably (training/distributed.py: rank_sum);
+# None: one process. Only the batch-pooled Dice needs it: every other term is a mean over equally many
+# voxels per rank, which DDP's gradient averaging already makes the global mean.
+RankSum = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def dice_loss(p: torch.Tensor, g: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps), summed over the whole batch."""
+def dice_loss(p: torch.Tensor, g: torch.Tensor, eps: float = 1e-5, rank_sum: RankSum = None) -> torch.Tensor:
+    """1 - (2 sum(p g) + eps) / (sum(p^2) + sum(g^2) + eps), summed over the whole batch (with
+    `rank_sum`: over the global batch of all ranks)."""
     p, g = p.float(), g.float()
-    inter = (p * g).sum()
-    return 1.0 - (2.0 * inter + eps) / ((p * p).sum() + (g * g).sum() + eps)
+    inter, pp, gg = (p * g).sum(), (p * p).sum(), (g * g).sum()
+    if rank_sum is not None:
+        inter, pp, gg = rank_sum(torch.stack([inter, pp, gg])).unbind()
+    return 1.0 - (2.0 * inter + eps) / (pp + gg + eps)
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, rank_sum: RankSum = None) -> torch.Tensor:
     """L_seg = 0.5 * (BCE-with-logits + Dice(sigmoid(logits)))."""
     logits, g = logits.float(), label.float()
-    return 0.5 * (F.binary_cross_entropy_with_logits(logits, g) + dice_loss(torch.sigmoid(logits), g))
+    return 0.5 * (F.binary_cross_entropy_with_logits(logits, g)
+                  + dice_loss(torch.sigmoid(logits), g, rank_sum=rank_sum))
 
 
 def dis_loss(sdm: torch.Tensor, label: torch.Tensor, k: float, supervision: Supervision,
-             gt_sdm: torch.Tensor | None = None) -> torch.Tensor:
+             gt_sdm: torch.Tensor | None = None, rank_sum: RankSum = None) -> torch.Tensor:
     """Supervision of M_d's tanh output `sdm` on labeled patches."""
     if supervision not in SUPERVISIONS:
         raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {supervision!r}")
     total = sdm.new_zeros((), dtype=torch.float32)
     if "mask" in supervision:
-        total = total + dice_loss(sdm_to_mask(sdm, k), label)
+        total = total + dice_loss(sdm_to_mask(sdm, k), label, rank_sum=rank_sum)
     if "dis" in supervision:
         if gt_sdm is None:
             raise ValueError("dis supervision needs the ground-truth SDM")

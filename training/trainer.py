@@ -35,10 +35,10 @@ from training.config import RunPaths, TrainConfig
 from training.data.cache import VolumeCache, fingerprint, load_training_volumes
 from training.data.dataset import Batch, PatchDataset, collate
 from training.data.sampler import TwoStreamSampler, check_batch_composition
-from training.distributed import DistInfo, init_distributed, shutdown_distributed
+from training.distributed import DistInfo, init_distributed, rank_sum_fn, shutdown_distributed, use_global_batch_layers
 from training.divergence import TrainingDiverged, nonfinite_tensors, on_any_rank
 from training.logs import TrainLogger
-from training.losses import consistency_loss, dis_loss, seg_loss
+from training.losses import RankSum, consistency_loss, dis_loss, seg_loss
 from training.run_folder import check_run_folder, clear_run, resume_start
 from training.validate import validate
 
@@ -58,10 +58,15 @@ class TrainingPair(nn.Module):
 
 
 class Objective:
-    """The summed DTML loss for one batch; returns the total and its parts (tensors)."""
+    """The summed DTML loss for one batch; returns the total and its parts (tensors).
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    With `rank_sum` (a distributed run) the Dice terms pool their statistics over all ranks, so the
+    objective, and after DDP's gradient averaging its gradient, is the one-process objective of the
+    global batch; the returned parts are then this rank's (its BCE/MSE/consistency on its slice)."""
+
+    def __init__(self, cfg: TrainConfig, rank_sum: RankSum = None) -> None:
         self.cfg = cfg
+        self.rank_sum = rank_sum
 
     def __call__(self, logits: torch.Tensor | None, sdm: torch.Tensor | None, batch: Batch,
                  iteration: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -70,10 +75,10 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=label.device)
         if logits is not None:
-            parts["seg"] = seg_loss(logits[:n_l], label)
+            parts["seg"] = seg_loss(logits[:n_l], label, self.rank_sum)
             total = total + parts["seg"]
         if sdm is not None:
-            parts["dis"] = dis_loss(sdm[:n_l], label, cfg.k, cfg.supervision, batch.sdm)
+            parts["dis"] = dis_loss(sdm[:n_l], label, cfg.k, cfg.supervision, batch.sdm, self.rank_sum)
             total = total + parts["dis"]
         weight = 0.0
         if cfg.consistency and logits is not None and sdm is not None:
@@ -204,8 +209,8 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         if cfg.deterministic and device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # Fail on an impossible batch composition before spending time on loading.
-        check_batch_composition(self.split, cfg)
+        # Fail on an impossible batch composition (of all ranks) before spending time on loading.
+        check_batch_composition(self.split, cfg, dist_info.world_size)
         t_load = time.perf_counter()
         cache: VolumeCache = load_training_volumes(self.split, intensity=cfg.intensity)  # type: ignore[arg-type]
         data_fp = fingerprint(self.split)
@@ -239,7 +244,8 @@ class Trainer:
         cfg = self.cfg
         with_sdm = "dis" in cfg.supervision and cfg.train_dis
         sampler = TwoStreamSampler(len(self.split.labeled), len(self.split.unlabeled), cfg.labeled_bs,
-                                   cfg.unlabeled_bs, cfg.seed, st.start, cfg.iterations, st.dist.rank)
+                                   cfg.unlabeled_bs, cfg.seed, st.start, cfg.iterations, st.dist.rank,
+                                   st.dist.world_size)
         workers = _auto_workers(cfg, st.device)
         return DataLoader(PatchDataset(st.cache, cfg.patch, with_sdm), batch_sampler=sampler,
                           num_workers=workers, collate_fn=collate, pin_memory=st.device.type == "cuda",
@@ -273,14 +279,20 @@ class Trainer:
     def _loop(self, st: _State) -> None:
         """Iterate from `st.start`, checkpointing, validating and stopping on a signal or divergence."""
         cfg, paths = self.cfg, self.paths
+        if st.dist.is_main:  # the other ranks write nothing
+            try:
+                paths.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DtmlError(f"{paths.out}: cannot create the run folder ({e.strerror})") from None
+        rank_sum = None
+        if st.dist.world_size > 1:  # W ranks train the one-process model of the global batch (distributed.py)
+            st.pair = use_global_batch_layers(st.pair, st.dist, st.device, cfg.labeled_bs,  # type: ignore[assignment]
+                                              cfg.unlabeled_bs)
+            rank_sum = rank_sum_fn()
         st.model = st.pair if st.dist.world_size == 1 else nn.parallel.DistributedDataParallel(
             st.pair, device_ids=[st.device.index] if st.device.type == "cuda" else None)
         scaler = torch.amp.GradScaler("cuda", enabled=st.amp_dtype == torch.float16)
-        objective, loader = Objective(cfg), self._loader(st)
-        try:
-            paths.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DtmlError(f"{paths.out}: cannot create the run folder ({e.strerror})") from None
+        objective, loader = Objective(cfg, rank_sum), self._loader(st)
         # On the CPU fetching a loss costs no device sync, so every iteration is checked: a diverged run stops
         # at once instead of running up to 24 more iterations of seconds each before the next flush.
         flush_every = self.log_flush_every if st.device.type == "cuda" else 1

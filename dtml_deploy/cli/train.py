@@ -116,7 +116,7 @@ def train(**options: Any) -> None:
     with user_errors():
         from dtml_deploy.io.datasets import make_split, open_source
         from training.divergence import TrainingDiverged
-        from training.run_visuals import run_visuals
+        from training.run_visuals import is_main_process, run_visuals
         from training.trainer import Trainer
 
         cfg = make_config(run["recipe"].value, options)
@@ -129,13 +129,15 @@ def train(**options: Any) -> None:
                                  show_progress=run["progress"]).run()
             except TrainingDiverged as e:  # the run itself failed, not its input: exit 1
                 raise fail(str(e), 1) from None
-        s = result.summary
+        s, main = result.summary, is_main_process()  # under torchrun rank 0 reports for all ranks
         if result.interrupted:
-            typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
-                       f"(continue with --resume)", err=True)
+            if main:
+                typer.echo(f"interrupted at iteration {result.iterations}; checkpoint in {out / 'checkpoint'} "
+                           f"(continue with --resume)", err=True)
             raise typer.Exit(130)
-        typer.echo(f"trained {s['iterations']} iterations in {s['wall_seconds']:.1f} s "
-                   f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
+        if main:
+            typer.echo(f"trained {s['iterations']} iterations in {s['wall_seconds']:.1f} s "
+                       f"({s['it_per_s']:.2f} it/s on {s['device']}); bundle: {result.bundle}")
 
 
 _first, _last = _run_options()

@@ -14,38 +14,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from dtml_deploy.ranks import Ranks
 from training.data.sampler import rank_rows
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE set); else a single process."""
+def init_distributed(device_type: str) -> Ranks:
+    """Join the process group when launched by torchrun (WORLD_SIZE set); else a single process. The
+    launch variables are read as segment and evaluate read them (dtml_deploy/ranks.py)."""
+    ranks = Ranks.from_env()
     if "WORLD_SIZE" not in os.environ:
-        return DistInfo()
+        return ranks
     backend = "nccl" if device_type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    return info
+        torch.cuda.set_device(ranks.local_rank)
+    return ranks
 
 
 def shutdown_distributed() -> None:
@@ -89,7 +79,7 @@ class GlobalBatchDropout3d(nn.Module):
         return x * noise[self.rows]
 
 
-def use_global_batch_layers(module: nn.Module, info: DistInfo, device: torch.device, labeled_bs: int,
+def use_global_batch_layers(module: nn.Module, info: Ranks, device: torch.device, labeled_bs: int,
                             unlabeled_bs: int) -> nn.Module:
     """Make `module`'s batch-dependent layers act on the global batch of a W-rank run (in place where the
     layers are children; returns the module): Dropout3d -> GlobalBatchDropout3d, and on CUDA BatchNorm ->

@@ -30,12 +30,13 @@ from dtml_deploy.config import ModelConfig
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.datasets import Split
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
+from dtml_deploy.ranks import Ranks
 from training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from training.config import RunPaths, TrainConfig
 from training.data.cache import VolumeCache, fingerprint, load_training_volumes
 from training.data.dataset import Batch, PatchDataset, collate
 from training.data.sampler import TwoStreamSampler, check_batch_composition
-from training.distributed import DistInfo, init_distributed, rank_sum_fn, shutdown_distributed, use_global_batch_layers
+from training.distributed import init_distributed, rank_sum_fn, shutdown_distributed, use_global_batch_layers
 from training.divergence import TrainingDiverged, nonfinite_tensors, on_any_rank
 from training.logs import TrainLogger
 from training.losses import RankSum, consistency_loss, dis_loss, seg_loss
@@ -126,7 +127,7 @@ class _State:
     """What the setup step builds and the later steps share."""
 
     device: torch.device
-    dist: DistInfo
+    dist: Ranks
     cache: VolumeCache
     data_fp: str
     load_s: float
@@ -182,7 +183,7 @@ class Trainer:
         finally:
             shutdown_distributed()
 
-    def _run(self, device: torch.device, dist_info: DistInfo) -> TrainResult:
+    def _run(self, device: torch.device, dist_info: Ranks) -> TrainResult:
         check_run_folder(self.paths, self.resume, self.overwrite)
         # Resume checks that need no data come first: a wrong flag costs no loading time.
         meta = read_checkpoint_meta(self.paths.checkpoint) if self.resume else None
@@ -199,7 +200,7 @@ class Trainer:
             return TrainResult(None, st.it, True, summary)
         return TrainResult(self._bundle(st, summary), st.it, False, summary)
 
-    def _setup(self, device: torch.device, dist_info: DistInfo) -> _State:
+    def _setup(self, device: torch.device, dist_info: Ranks) -> _State:
         """Seeds, the data in memory, both networks and their optimisers."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)

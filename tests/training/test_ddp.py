@@ -24,9 +24,10 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DataError
 from dtml_deploy.io.datasets import make_split, open_source
 from dtml_deploy.nets.dual import DualTaskNet
+from dtml_deploy.ranks import Ranks
 from training.config import TrainConfig
 from training.data.sampler import TwoStreamSampler, check_batch_composition, rank_rows
-from training.distributed import DistInfo, GlobalBatchDropout3d, use_global_batch_layers
+from training.distributed import GlobalBatchDropout3d, use_global_batch_layers
 from training.recipes import recipe
 from training.trainer import Trainer
 
@@ -222,12 +223,12 @@ def test_global_batch_layers_keep_parameters_and_state_keys():
     for device, sync in ((torch.device("cpu"), False), (torch.device("cuda", 0), True)):
         net = DualTaskNet(cfg.model_config().net, k=cfg.k)
         params, keys = list(net.parameters()), list(net.state_dict())
-        out = use_global_batch_layers(net, DistInfo(rank=1, world_size=2), device, 2, 1)
+        out = use_global_batch_layers(net, Ranks(rank=1, world_size=2), device, 2, 1)
         assert out is net and list(net.parameters()) == params and list(net.state_dict()) == keys
         drops = [m for m in net.modules() if isinstance(m, GlobalBatchDropout3d)]
         assert len(drops) == 2 and all(d.rows == [2, 3, 5] and d.global_size == 6 for d in drops)
         assert not any(isinstance(m, torch.nn.Dropout3d) for m in net.modules())
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()) == sync
     single = DualTaskNet(cfg.model_config().net, k=cfg.k)
-    use_global_batch_layers(single, DistInfo(), torch.device("cuda", 0), 2, 1)
+    use_global_batch_layers(single, Ranks(), torch.device("cuda", 0), 2, 1)
     assert not any(isinstance(m, (GlobalBatchDropout3d, torch.nn.SyncBatchNorm)) for m in single.modules())

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -148,6 +148,7 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
     return rows, unscored
 
 
+@runtime_checkable
 class CarriedOutputs(Protocol):
     """A `visit` hook that keeps a per-case output (report thumbnails) which must reach rank 0."""
 
@@ -167,7 +168,7 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
     in case order (a case the job stopped before is a failed row), and receives what a `CarriedOutputs`
     visit kept on the other ranks; the other ranks return None. `progress(case)` runs on rank 0 as each
     case arrives."""
-    carried = ranks.distributed and hasattr(visit, "take")
+    carried = ranks.distributed and isinstance(visit, CarriedOutputs)
 
     def work(i: int, beat: Beat) -> dict[str, Any]:
         row = _score_case(segmenter, cases[i], ignore_geometry, visit, beat)
@@ -180,8 +181,10 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
         if progress is not None:
             progress(cases[i].case_id)
 
-    sizes = [voxel_estimate(c.image.path, c.image.dataset) for c in cases] if ranks.distributed else [1] * len(cases)
-    outcome = run_cases(sizes, work, on_result, ranks, shard, "evaluate", [c.case_id for c in cases])
+    def weight(i: int) -> int:
+        return voxel_estimate(cases[i].image.path, cases[i].image.dataset)
+
+    outcome = run_cases([c.case_id for c in cases], weight, work, on_result, ranks, shard, "evaluate")
     if outcome is None:
         return None
     return [r["row"] if r is not None else _failed(c.case_id, f"{c.image.path}: not scored: {outcome.stopped}")

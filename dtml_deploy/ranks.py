@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from dtml_deploy.errors import DtmlError
 
+MAX_TIMEOUT_S = 30 * 24 * 3600.0  # a month: longer is a typo, not a plan
 Result = dict[str, Any]  # JSON-able: it travels through the store
 Beat = Callable[[], None]  # called by long work (each finished window batch) as a sign of life
 
@@ -78,6 +80,14 @@ class ShardSettings:
     # (4096 windows) is far below this on any device, and a window batch is a sign of life.
     stall_timeout_s: float = 1800.0
     poll_s: float = 0.5  # how often rank 0 looks for results and every rank sends a sign of life
+
+    def __post_init__(self) -> None:
+        # the store's waits take a timedelta: NaN or infinity would fail there, mid-launch
+        if not (math.isfinite(self.stall_timeout_s) and 1.0 <= self.stall_timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"--rank-timeout must be between 1 and {MAX_TIMEOUT_S:.0f} seconds, got "
+                             f"{self.stall_timeout_s}")
+        if not (math.isfinite(self.poll_s) and 0.0 < self.poll_s <= self.stall_timeout_s):
+            raise ValueError(f"poll_s must be positive and at most the stall timeout, got {self.poll_s}")
 
 
 class JobStopped(BaseException):
@@ -143,7 +153,6 @@ class Outcome:
     results: list[Result | None]
     stopped: str | None = None
     ranks: int = 1
-    shards: list[list[int]] = field(default_factory=list)
 
 
 class _Board:
@@ -220,27 +229,28 @@ class _Watch:
                            "job (--rank-timeout sets how long a rank may be silent)")
 
 
-def run_cases(sizes: Sequence[int], work: Callable[[int, Beat], Result], on_result: Callable[[int, Result], None],
-              ranks: Ranks, settings: ShardSettings = ShardSettings(), job: str = "cases",
-              names: Sequence[str] = ()) -> Outcome | None:
+def run_cases(names: Sequence[str], weight: Callable[[int], int], work: Callable[[int, Beat], Result],
+              on_result: Callable[[int, Result], None], ranks: Ranks, settings: ShardSettings = ShardSettings(),
+              job: str = "cases") -> Outcome | None:
     """Run `work(i, beat)` for every case i (results JSON-able) across the ranks; rank 0 calls
     `on_result(i, result)` for every case as it arrives and returns the `Outcome`; other ranks return
     None once rank 0 has everything. Without torchrun: a plain loop in order. `names` (one per case, the
-    same on every rank) check that all ranks see the same inputs and name a lost rank's case."""
-    n = len(sizes)
+    same on every rank) check that all ranks see the same inputs and name a lost rank's case; `weight(i)`
+    (the case's voxels) is asked on rank 0 only, to split the cases."""
+    n = len(names)
     if not ranks.distributed:
         results: list[Result | None] = []
         for i in range(n):
             results.append(work(i, _no_beat))
             on_result(i, results[-1])  # type: ignore[arg-type]
-        return Outcome(results, shards=[list(range(n))])
+        return Outcome(results)
     board = _Board(ranks, settings, job)
     digest = hashlib.sha256(json.dumps([n, list(names)]).encode()).hexdigest()
     with sigterm_stops():
         if ranks.is_main:
-            shards = balanced_shards(sizes, ranks.world_size)
+            shards = balanced_shards([weight(i) for i in range(n)], ranks.world_size)
             board.post_plan(shards, digest)
-            return _main(board, shards, work, on_result, list(names) or [str(i) for i in range(n)])
+            return _main(board, shards, work, on_result, list(names))
         board.beat()  # alive, before waiting for the plan
         shards = board.read_plan(digest)
         for i in shards[ranks.rank]:
@@ -303,4 +313,4 @@ def _main(board: _Board, shards: list[list[int]], work: Callable[[int, Beat], Re
     if stopped is not None:
         with suppress(Exception):  # what the others finished before the end still counts (and stays written)
             gather(force=True, check=False)
-    return Outcome(results, stopped, len(shards), shards)
+    return Outcome(results, stopped, len(shards))

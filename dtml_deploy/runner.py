@@ -204,8 +204,8 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
             for line in _case_line(rep, names[i], bundle.model.spacing):
                 say(line)
 
-        outcome = run_cases([voxel_estimate(p) for p in job.inputs] if ranks.distributed else [1] * len(names),
-                            work, on_result, ranks, shard, "segment", [str(p) for p in job.inputs])
+        outcome = run_cases([str(p) for p in job.inputs], lambda i: voxel_estimate(job.inputs[i]), work, on_result,
+                            ranks, shard, "segment")
     if outcome is None:
         return None
     reports = [CaseReport(**r) if r is not None else

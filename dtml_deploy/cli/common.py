@@ -49,7 +49,7 @@ def default_of(cls: type, name: str) -> Any:
 
 
 RankTimeoutOpt = Annotated[float, typer.Option(
-    min=1.0, help="Under torchrun: seconds a rank may show no progress (no finished window) before the job stops")]
+    help="Under torchrun: seconds a rank may show no progress (no finished window) before the job stops")]
 BackendName = choices("BackendName", BACKENDS)
 PrecisionName = choices("PrecisionName", PRECISIONS)
 HeadName = choices("HeadName", HEADS)

@@ -55,13 +55,13 @@ def case_list(source: object, cases: str) -> list[str]:
 def _score_with_model(data: Path, labels: Path | None, cases: str | None, model: Path | None,
                       options: dict[str, Any], progress: bool, ignore_geometry: bool,
                       visit: Callable[..., None] | None,
-                      rank_timeout: float) -> tuple[list[dict], dict[str, object]] | None:
+                      shard: ShardSettings) -> tuple[list[dict], dict[str, object]] | None:
     """Segment the listed cases of a data root with a bundle and score them; rows and the run's record.
     Under torchrun the cases are shared among the ranks; rank 0 gets every row, the others None."""
     from dtml_deploy.backends.torch_backend import cpu_precision_note
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
-    from dtml_deploy.ranks import Ranks, ShardSettings
+    from dtml_deploy.ranks import Ranks
     from dtml_deploy.runner import build_segmenter
 
     source = open_source(data, labels_dir=labels)
@@ -83,7 +83,7 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     rows = score_model(segmenter, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))
                        if progress else None, ignore_geometry=ignore_geometry, visit=visit, ranks=ranks,
-                       shard=ShardSettings(stall_timeout_s=rank_timeout))
+                       shard=shard)
     if rows is None:
         return None
     _warn_guessed(rows, segmenter.bundle.model.spacing)
@@ -176,14 +176,14 @@ def evaluate(
     from dtml_deploy.ranks import Ranks
 
     with user_errors():
+        shard = ShardSettings(stall_timeout_s=rank_timeout)
         thumbs = _check_outputs(json_out, csv_out, report)
         visit: Callable[..., None] | None = thumbs  # type: ignore[assignment]
         if model is not None or data is not None:
             if data is None:
                 raise ValueError("--model needs --data (and usually --cases)")
             options["save_uncertainty"] = report is not None
-            scored = _score_with_model(data, labels, cases, model, options, progress, ignore_geometry, visit,
-                                       rank_timeout)
+            scored = _score_with_model(data, labels, cases, model, options, progress, ignore_geometry, visit, shard)
             if scored is None:  # another rank of a torchrun launch: rank 0 reports every case
                 return
             rows, extra = scored

@@ -88,7 +88,7 @@ def segment(
     from dtml_deploy.runner import run_segment
 
     with user_errors():
-        ranks = Ranks.from_env()
+        ranks, shard = Ranks.from_env(), ShardSettings(stall_timeout_s=rank_timeout)
         if preview:
             require_viz("--preview")
         model_path = bundle_path(model)
@@ -99,7 +99,7 @@ def segment(
         bundle, settings = load_for_backend(settings)
         job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
-        reports = run_segment(job, settings, bundle, ranks, ShardSettings(stall_timeout_s=rank_timeout))
+        reports = run_segment(job, settings, bundle, ranks, shard)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:

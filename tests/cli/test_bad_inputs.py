@@ -330,6 +330,10 @@ BAD_OPTIONS: dict[str, tuple[list[str], str]] = {
     "spacing-nan": (["--spacing", "nan", "1", "1"], "finite and positive"),
     "spacing-negative": (["--spacing", "1", "-1", "1"], "finite and positive"),
     "max-windows-zero": (["--max-windows", "0"], "max_windows must be >= 1"),
+    "rank-timeout-zero": (["--rank-timeout", "0"], "--rank-timeout must be between 1 and"),
+    "rank-timeout-nan": (["--rank-timeout", "nan"], "--rank-timeout must be between 1 and"),
+    "rank-timeout-inf": (["--rank-timeout", "inf"], "--rank-timeout must be between 1 and"),
+    "rank-timeout-huge": (["--rank-timeout", "1e12"], "--rank-timeout must be between 1 and"),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.extent import voxel_estimate
-from dtml_deploy.ranks import Beat, Ranks, balanced_shards, rank_device, run_cases
+from dtml_deploy.ranks import Beat, Ranks, ShardSettings, balanced_shards, rank_device, run_cases
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
@@ -76,7 +76,10 @@ def test_one_process_runs_the_plain_loop_in_order() -> None:
         beats.append(i)
         return {"i": i, "square": i * i}
 
-    out = run_cases([3, 1, 2], work, lambda i, r: seen.append(r["i"]), Ranks())
+    def weight(i: int) -> int:
+        raise AssertionError("one process splits nothing: no header is read")
+
+    out = run_cases(["a", "b", "c"], weight, work, lambda i, r: seen.append(r["i"]), Ranks())
     assert out is not None and out.stopped is None and out.ranks == 1
     assert [r["square"] for r in out.results] == [0, 1, 4] and seen == [0, 1, 2] == beats  # type: ignore[index]
 
@@ -101,3 +104,10 @@ def test_voxel_estimates_read_headers(sample_root: Path, tmp_path: Path) -> None
         (series / f"{i}.dcm").write_bytes(b"y" * 1000)
     assert voxel_estimate(series) == 1500
     assert voxel_estimate(tmp_path / "missing.nii.gz") == 1
+
+
+@pytest.mark.parametrize("timeout", [0.0, 0.5, -1.0, float("nan"), float("inf"), 1e12])
+def test_rank_timeouts_that_cannot_be_waited_for_are_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="--rank-timeout must be between 1 and"):
+        ShardSettings(stall_timeout_s=timeout)
+    assert ShardSettings(stall_timeout_s=1.0).stall_timeout_s == 1.0

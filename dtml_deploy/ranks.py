@@ -54,6 +54,10 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def running(self, what: str) -> str:
+        """' with WHAT' for one process, ' on N ranks (rank 0: WHAT)' under torchrun: for console lines."""
+        return f" on {self.world_size} ranks (rank 0: {what})" if self.distributed else f" with {what}"
+
     @classmethod
     def from_env(cls) -> Ranks:
         """Read torchrun's RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; absent: one process."""

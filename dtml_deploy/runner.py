@@ -165,9 +165,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
     check_outputs(job)
     segmenter = build_segmenter(req, bundle, ranks)
     bundle, backend = segmenter.bundle, segmenter.backend
-    on = f" on {ranks.world_size} ranks (rank 0: {backend.describe()})" if ranks.distributed else ""
-    say(f"dtml: {len(job.inputs)} scan(s) with {backend.describe()}" if not on else
-        f"dtml: {len(job.inputs)} scan(s){on}")
+    say(f"dtml: {len(job.inputs)} scan(s){ranks.running(backend.describe())}")
     from dtml_deploy.backends.torch_backend import cpu_precision_note
 
     note = cpu_precision_note(backend.name, backend.device, backend.options.precision, req.precision is not None)

@@ -72,9 +72,7 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     ranks = Ranks.from_env()
     segmenter = build_segmenter(settings, bundle, ranks)
     if ranks.is_main:
-        on = f" on {ranks.world_size} ranks (rank 0: " if ranks.distributed else " with "
-        typer.echo(f"segmenting {len(ids)} cases{on}{segmenter.backend.describe()}{')' * ranks.distributed}",
-                   err=True)
+        typer.echo(f"segmenting {len(ids)} cases{ranks.running(segmenter.backend.describe())}", err=True)
         backend = segmenter.backend
         note = cpu_precision_note(backend.name, backend.device, backend.options.precision, True)
         if note:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from dtml_deploy.cli.common import (
     RankTimeoutOpt,
     bundle_path,
     default_of,
+    echo_err,
     exit_for_failures,
     fail,
     inference_settings,
@@ -26,6 +28,7 @@ from dtml_deploy.cli.common import (
     user_errors,
     with_shared,
 )
+from dtml_deploy.cli.dicomweb_inputs import check_dicomweb_options, dicomweb_series, store_segs
 from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
@@ -51,8 +54,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 @with_shared
 def segment(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")],
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")]
+        = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
     engine: Any = ENGINE_OPTIONS,
@@ -80,6 +84,13 @@ def segment(
     progress: ProgressOpt = default_of(SegmentJob, "progress"),
     rank_timeout: RankTimeoutOpt = default_of(ShardSettings, "stall_timeout_s"),
     inputs_: Any = INPUT_OPTIONS,
+    dicomweb: Annotated[str | None, typer.Option(
+        help="Read the series from this DICOMweb server (WADO-RS), e.g. http://pacs:8042/dicom-web")] = None,
+    study: Annotated[str | None, typer.Option(help="--dicomweb: the study's UID")] = None,
+    series: Annotated[str | None, typer.Option(
+        help="--dicomweb: one series' UID (default: every image series of the study)")] = None,
+    store: Annotated[bool, typer.Option(help="--dicomweb: store each DICOM SEG back into its study (STOW-RS)")]
+        = False,
     **options: Any,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
@@ -96,10 +107,16 @@ def segment(
             model_path, qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
+        check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.output_format)
         bundle, settings = load_for_backend(settings)
-        job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
-                         progress=progress)
-        reports = run_segment(job, settings, bundle, ranks, shard)
+        with contextlib.ExitStack() as stack:
+            scans = expand_inputs(inputs or []) if dicomweb is None else stack.enter_context(
+                dicomweb_series(dicomweb, study, series))
+            job = SegmentJob(inputs=scans, output=output, overwrite=overwrite, json_report=json_report,
+                             progress=progress)
+            reports = run_segment(job, settings, bundle, ranks, shard)
+            if store and reports:
+                store_segs(str(dicomweb), reports, echo_err)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def _public_report(report: dict, job: Job, folder: Path) -> dict:
     return out
 
 
+def hide_paths(line: str, folder: Path, name: str) -> str:
+    """`line` with every path inside the job's folder (also one a message cut short) shown as the client's
+    name for the scan: the client sees the CLI's line for its file, never the server's paths."""
+    return re.sub(re.escape(str(folder)) + r"[^\s)'\",:]*", name.replace("\\", "/"), line)
+
+
 def run_job(job: Job, store: JobStore, model: Model, settings: ServeSettings) -> None:
     """Run `job` to its end: status done, or failed with one line (the CLI's, naming the client's file)."""
     folder = store.folder(job.id)
@@ -65,9 +72,6 @@ def run_job(job: Job, store: JobStore, model: Model, settings: ServeSettings) ->
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, OSError) and e.strerror:
             line = f"cannot read or write the job's files: {e.strerror}"
-        for internal in (str(scan) if scan else None, str(folder)):  # never show the server's paths
-            if internal:
-                line = line.replace(internal, job.name)
-        job.status, job.error = "failed", line
+        job.status, job.error = "failed", hide_paths(line, folder, job.name)
         if job.report is not None:
-            job.report["error"] = line
+            job.report["error"] = job.error

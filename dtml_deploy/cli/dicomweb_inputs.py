@@ -1,0 +1,57 @@
+"""`dtml segment --dicomweb URL --study UID [--series UID] [--store]`: the series come over WADO-RS into a
+temporary folder (removed afterwards) and are segmented as folders would be; with --store each case's
+DICOM SEG goes back into its study over STOW-RS."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dtml_deploy.errors import InputError
+from dtml_deploy.segment import CaseReport
+
+
+@contextlib.contextmanager
+def dicomweb_series(url: str, study: str | None, series: str | None) -> Iterator[list[Path]]:
+    """The series of `study` (or the one named) as local folders named by their series UID."""
+    from dtml_deploy.serve.dicomweb import DicomWebSource, fetch_series, image_series
+
+    if study is None:
+        raise InputError("--dicomweb needs --study UID (and optionally --series UID)")
+    source = DicomWebSource(url=url, study=study, series=series)
+    with tempfile.TemporaryDirectory(prefix="dtml-dicomweb-") as tmp:
+        yield [fetch_series(source, uid, Path(tmp) / uid) for uid in image_series(source)]
+
+
+def check_dicomweb_options(url: str | None, inputs: list[str], study: str | None, series: str | None, store: bool,
+                           output_format: str) -> None:
+    """Refuse, before any work, options that do not go together."""
+    if url is None:
+        given = [n for n, v in (("--study", study), ("--series", series), ("--store", store)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)} only go with --dicomweb URL")
+        return
+    if inputs:
+        raise InputError("give scans or --dicomweb, not both")
+    if store and output_format not in ("auto", "dicom-seg"):
+        raise InputError(f"--store sends the DICOM SEG back; --format {output_format} writes none")
+
+
+def store_segs(url: str, reports: list[CaseReport], say: Callable[[str], None]) -> int:
+    """STOW-RS each segmented case's SEG into its study; returns how many could not be stored."""
+    from dtml_deploy.serve.dicomweb import PacsError, store_seg
+
+    failed = 0
+    for rep in reports:
+        if rep.status != "ok" or not str(rep.output).endswith("_seg.dcm"):
+            continue
+        try:
+            uid = store_seg(url, Path(str(rep.output)))
+            say(f"  stored {Path(str(rep.output)).name} into its study on {url} (SOP Instance UID {uid})")
+        except PacsError as e:
+            say(f"error: {e}")
+            rep.status, rep.error = "failed", str(e)
+            failed += 1
+    return failed

@@ -192,3 +192,24 @@ def test_serve_refuses_an_open_bind_without_token_and_a_weak_token(tmp_path, mon
     r = CliRunner().invoke(app, ["serve"])
     assert r.exit_code == 2 and r.output.strip() == "error: dtml serve needs fastapi: pip install 'dtml[serve]'"
     assert not Path("dtml-jobs").exists() or Path("dtml-jobs").is_dir()
+
+
+def test_a_drain_lets_running_jobs_finish_and_fails_queued_ones_with_the_reason(service_client, scan):
+    service, client = service_client(workers=1, queue=4)
+    gate = threading.Event()
+    real_segment = service.model.segment
+    service.model.segment = lambda *a, **k: (gate.wait(30), real_segment(*a, **k))[1]
+    files = {"file": ("scan.nii.gz", scan.read_bytes())}
+    running = client.post("/v1/jobs", files=files).json()["id"]
+    while client.get(f"/v1/jobs/{running}").json()["status"] != "running":
+        time.sleep(0.02)
+    queued = client.post("/v1/jobs", files=files).json()["id"]
+    drain = threading.Thread(target=service.jobs.drain, args=(30,))
+    drain.start()
+    time.sleep(0.2)
+    r = client.post("/v1/jobs", files=files)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"] and client.get("/readyz").status_code == 503
+    assert client.get(f"/v1/jobs/{queued}").json()["error"].startswith("the server shut down (SIGTERM) before")
+    gate.set()
+    drain.join(30)
+    assert not drain.is_alive() and client.get(f"/v1/jobs/{running}").json()["status"] == "done"

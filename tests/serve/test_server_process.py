@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
 from tests.conftest import REPO, SAMPLE, sample_ids
-from tests.serve.conftest import CPU, write_crop
+from tests.serve.conftest import write_crop
 from tests.serve.orthanc import free_port, orthanc_missing, running_orthanc
 
 pytestmark = pytest.mark.slow

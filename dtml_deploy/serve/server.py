@@ -2,7 +2,7 @@
 
 On the first SIGTERM (or Ctrl-C) the queue stops taking jobs (POST answers 503) while GETs go on being
 served; queued jobs fail with the reason, running ones get `--drain-seconds` to finish, then uvicorn
-shuts down. A second signal stops at once.
+shuts down and the process exits 0. A second signal stops at once (uvicorn's own handling).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def run_server(model: Model, settings: ServeSettings, say: Callable[[str], None]
 
             def drain() -> None:
                 service.jobs.drain(settings.drain_s)
-                super(DrainingServer, self).handle_exit(sig, frame)
+                self.should_exit = True  # not uvicorn's handle_exit: a drained server exits 0, not by the signal
 
             threading.Thread(target=drain, name="dtml-drain", daemon=True).start()
 

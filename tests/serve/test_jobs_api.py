@@ -16,13 +16,15 @@ from dtml_deploy.cli import app
 from tests.serve.conftest import CPU, wait_job
 
 
-def _cli_mask(scan: Path, bundle: Path, out: Path, *extra: str) -> tuple[np.ndarray, dict]:
+def _cli_mask(scan: Path, bundle: Path, out: Path, *extra: str) -> tuple[np.ndarray | None, dict]:
     r = CliRunner().invoke(app, ["segment", str(scan), "-o", str(out), "--model", str(bundle), *CPU,
                                  "--json", str(out / "report.json"), *extra])
     assert r.exit_code == 0, r.output
     case = json.loads((out / "report.json").read_text())["cases"][0]
     from dtml_deploy.io.volume import read_volume
 
+    if case["output"].endswith(".dcm"):  # a DICOM SEG: the caller reads it with pydicom
+        return None, case
     return read_volume(Path(case["output"])).array.astype(np.uint8), case
 
 
@@ -170,3 +172,23 @@ def test_retention_deletes_finished_jobs_and_delete_frees_early(service_client, 
     wait_job(client, third)
     assert client.delete(f"/v1/jobs/{third}").status_code == 204
     assert client.get(f"/v1/jobs/{third}").status_code == 404 and not any(service.store.root.iterdir())
+
+
+def test_a_zipped_dicom_series_gives_the_cli_seg(service_client, serve_bundle, sample_root, tmp_path):
+    import pydicom
+
+    from tests.dtml_deploy.test_formats import _oblique_lps, _real_voxels, write_dicom_series
+
+    series = write_dicom_series(tmp_path / "series", _real_voxels(sample_root), *_oblique_lps())
+    archive = tmp_path / "series.zip"
+    archive.write_bytes(_zip({f"study/{p.name}": p.read_bytes() for p in sorted(series.iterdir())}))
+    _, client = service_client()
+    job = wait_job(client, _submit(client, archive))
+    assert job["status"] == "done" and "unzip" in job["stages"], job
+    r = client.get(f"/v1/jobs/{job['id']}/mask")
+    assert r.headers["content-type"] == "application/dicom"
+    (tmp_path / "got.dcm").write_bytes(r.content)
+    _, case = _cli_mask(series, serve_bundle, tmp_path / "cli")
+    want = pydicom.dcmread(case["output"]).pixel_array
+    np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "got.dcm").pixel_array, want)
+    assert 0 < want.sum() < want.size

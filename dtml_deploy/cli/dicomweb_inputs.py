@@ -8,14 +8,29 @@ import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.segment import CaseReport
 
+DicomWebOpt = Annotated[str | None, typer.Option(
+    help="Read the series from this DICOMweb server (WADO-RS), e.g. http://pacs:8042/dicom-web")]
+StudyOpt = Annotated[str | None, typer.Option(help="--dicomweb: the study's UID")]
+SeriesOpt = Annotated[str | None, typer.Option(
+    help="--dicomweb: one series' UID (default: every image series of the study)")]
+StoreOpt = Annotated[bool, typer.Option(help="--dicomweb: store each DICOM SEG back into its study (STOW-RS)")]
+
 
 @contextlib.contextmanager
-def dicomweb_series(url: str, study: str | None, series: str | None) -> Iterator[list[Path]]:
-    """The series of `study` (or the one named) as local folders named by their series UID."""
+def scans_from(inputs: list[str], expand: Callable[[list[str]], list[Path]], url: str | None, study: str | None,
+               series: str | None) -> Iterator[list[Path]]:
+    """The local scans (`expand(inputs)`), or the series of `study` on `url` (or the one named) fetched into
+    folders named by their series UID, removed afterwards."""
+    if url is None:
+        yield expand(inputs)
+        return
     from dtml_deploy.serve.dicomweb import DicomWebSource, fetch_series, image_series
 
     if study is None:
@@ -39,19 +54,20 @@ def check_dicomweb_options(url: str | None, inputs: list[str], study: str | None
         raise InputError(f"--store sends the DICOM SEG back; --format {output_format} writes none")
 
 
-def store_segs(url: str, reports: list[CaseReport], say: Callable[[str], None]) -> int:
-    """STOW-RS each segmented case's SEG into its study; returns how many could not be stored."""
+def stored(reports: list[CaseReport] | None, url: str | None, say: Callable[[str], None]) -> list[CaseReport] | None:
+    """With `url`: STOW-RS each segmented case's SEG into its study; a case whose SEG the PACS did not take
+    becomes failed. Returns `reports`."""
     from dtml_deploy.serve.dicomweb import PacsError, store_seg
 
-    failed = 0
+    if url is None or not reports:
+        return reports
     for rep in reports:
         if rep.status != "ok" or not str(rep.output).endswith("_seg.dcm"):
             continue
         try:
-            uid = store_seg(url, Path(str(rep.output)))
+            uid = store_seg(str(url), Path(str(rep.output)))
             say(f"  stored {Path(str(rep.output)).name} into its study on {url} (SOP Instance UID {uid})")
         except PacsError as e:
             say(f"error: {e}")
             rep.status, rep.error = "failed", str(e)
-            failed += 1
-    return failed
+    return reports

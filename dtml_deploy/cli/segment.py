@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +27,15 @@ from dtml_deploy.cli.common import (
     user_errors,
     with_shared,
 )
-from dtml_deploy.cli.dicomweb_inputs import check_dicomweb_options, dicomweb_series, store_segs
+from dtml_deploy.cli.dicomweb_inputs import (
+    DicomWebOpt,
+    SeriesOpt,
+    StoreOpt,
+    StudyOpt,
+    check_dicomweb_options,
+    scans_from,
+    stored,
+)
 from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
@@ -52,11 +59,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return found
 
 
+InputsArg = Annotated[list[str] | None, typer.Argument(
+    help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")]
+
+
 @with_shared
 def segment(
-    inputs: Annotated[list[str] | None, typer.Argument(
-        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")]
-        = None,
+    inputs: InputsArg = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
     engine: Any = ENGINE_OPTIONS,
@@ -84,13 +93,10 @@ def segment(
     progress: ProgressOpt = default_of(SegmentJob, "progress"),
     rank_timeout: RankTimeoutOpt = default_of(ShardSettings, "stall_timeout_s"),
     inputs_: Any = INPUT_OPTIONS,
-    dicomweb: Annotated[str | None, typer.Option(
-        help="Read the series from this DICOMweb server (WADO-RS), e.g. http://pacs:8042/dicom-web")] = None,
-    study: Annotated[str | None, typer.Option(help="--dicomweb: the study's UID")] = None,
-    series: Annotated[str | None, typer.Option(
-        help="--dicomweb: one series' UID (default: every image series of the study)")] = None,
-    store: Annotated[bool, typer.Option(help="--dicomweb: store each DICOM SEG back into its study (STOW-RS)")]
-        = False,
+    dicomweb: DicomWebOpt = None,
+    study: StudyOpt = None,
+    series: SeriesOpt = None,
+    store: StoreOpt = False,
     **options: Any,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
@@ -109,14 +115,10 @@ def segment(
             cudnn_fusion=cudnn_fusion, **options)
         check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.output_format)
         bundle, settings = load_for_backend(settings)
-        with contextlib.ExitStack() as stack:
-            scans = expand_inputs(inputs or []) if dicomweb is None else stack.enter_context(
-                dicomweb_series(dicomweb, study, series))
+        with scans_from(inputs or [], expand_inputs, dicomweb, study, series) as scans:
             job = SegmentJob(inputs=scans, output=output, overwrite=overwrite, json_report=json_report,
                              progress=progress)
-            reports = run_segment(job, settings, bundle, ranks, shard)
-            if store and reports:
-                store_segs(str(dicomweb), reports, echo_err)
+            reports = stored(run_segment(job, settings, bundle, ranks, shard), dicomweb if store else None, echo_err)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:

@@ -144,6 +144,13 @@ def create_app(service: Service, token: str | None) -> Any:
         code = next((c for t, c in statuses.items() if isinstance(e, t)), 500)
         return _error(code, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+    _health_routes(app, service)
+    _job_routes(app, service)
+    _result_routes(app, service)
+    return app if token is None else BearerAuth(app, token)
+
+
+def _health_routes(app: FastAPI, service: Service) -> None:
     @app.get("/healthz")
     def healthz() -> dict:
         return {"status": "ok", "model": service.model.describe()}
@@ -162,6 +169,8 @@ def create_app(service: Service, token: str | None) -> Any:
         body, ctype = service.metrics.text()
         return Response(body, media_type=ctype)
 
+
+def _job_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request) -> JSONResponse:
         jobs, ctype = service.jobs, request.headers.get("content-type", "")
@@ -189,6 +198,8 @@ def create_app(service: Service, token: str | None) -> Any:
         service.store.delete(job_id)
         return Response(status_code=204)
 
+
+def _result_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/jobs/{job_id}/mask")
     def mask(job_id: str) -> FileResponse:
         path = _result(service, job_id, "output", "no mask")
@@ -209,5 +220,3 @@ def create_app(service: Service, token: str | None) -> Any:
                 return JSONResponse({"input": job.name, "status": "failed", "error": job.error})
             raise _NotYet(f"job {job_id} is {job.status}")
         return JSONResponse(job.report)
-
-    return app if token is None else BearerAuth(app, token)

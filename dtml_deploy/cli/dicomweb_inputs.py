@@ -47,6 +47,8 @@ def check_dicomweb_options(url: str | None, inputs: list[str], study: str | None
         given = [n for n, v in (("--study", study), ("--series", series), ("--store", store)) if v]
         if given:
             raise InputError(f"{', '.join(given)} only go with --dicomweb URL")
+        if not inputs:
+            raise InputError("no scans given: name files, folders or globs, or --dicomweb URL --study UID")
         return
     if inputs:
         raise InputError("give scans or --dicomweb, not both")

@@ -158,6 +158,9 @@ def test_the_cli_gives_the_same_line_for_a_pacs_that_is_down(serve_bundle, tmp_p
         f"error: cannot reach the PACS at {down} to send series 1.2.3 of study 1.2 (connection refused or host down)"]
     r = CliRunner().invoke(app, ["segment", "scan.nii.gz", "--study", "1.2", "--model", str(serve_bundle)])
     assert r.exit_code == 2 and "error: --study only go with --dicomweb URL" in r.output
+    r = CliRunner().invoke(app, ["segment", "--model", str(serve_bundle)])
+    assert r.exit_code == 2 and r.output.strip() == ("error: no scans given: name files, folders or globs, or "
+                                                     "--dicomweb URL --study UID")
 
 
 def test_the_token_guards_every_route_but_healthz(service_client, scan, tmp_path):

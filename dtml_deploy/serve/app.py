@@ -83,7 +83,12 @@ def _dicomweb_job(service: Service, body: Any) -> Job:
     unknown = set(body) - {"dicomweb", "store", "options"} or set(body["dicomweb"]) - {"url", "study", "series"}
     if unknown:
         raise InputError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
-    source = DicomWebSource(**{k: str(v) for k, v in body["dicomweb"].items()})
+    missing = {"url", "study"} - {k for k, v in body["dicomweb"].items() if v is not None}
+    if missing:
+        raise InputError(f"dicomweb needs {' and '.join(sorted(missing))}")
+    source = DicomWebSource(**{k: str(v) for k, v in body["dicomweb"].items() if v is not None})
+    if not isinstance(body.get("options") or {}, dict):
+        raise InputError('"options" is an object: {"head": "seg", "tta": true, ...}')
     options = parse_job_options(body.get("options") or {})
     if not isinstance(body.get("store", False), bool):
         raise InputError('"store" is true or false')

@@ -144,7 +144,9 @@ def test_a_pacs_down_or_answering_garbage_fails_the_job_in_one_line(service_clie
     for body, message in (({"dicomweb": {"url": down, "study": "1.2; rm -rf /"}}, "is not a DICOM study UID"),
                           ({"dicomweb": {"url": "file:///etc", "study": "1.2"}}, "is not a DICOMweb URL"),
                           ({"dicomweb": {"url": down, "study": "1.2"}, "stor": True}, "unknown field(s) stor"),
-                          ({"url": down}, 'a JSON job is {"dicomweb"')):
+                          ({"url": down}, 'a JSON job is {"dicomweb"'), ({"dicomweb": {}}, "needs study and url"),
+                          ({"dicomweb": {"url": down, "study": "1.2"}, "options": ["tta"]}, '"options" is an object'),
+                          ({"dicomweb": {"url": down, "study": "1.2"}, "options": {"tta": "x"}}, "give true or false")):
         r = client.post("/v1/jobs", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.text
     assert client.get("/healthz").status_code == 200

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
 from tests.serve.conftest import CPU, wait_job
+
+pytestmark = pytest.mark.slow  # real crops through a real model, a few seconds each
 
 
 def _cli_mask(scan: Path, bundle: Path, out: Path, *extra: str) -> tuple[np.ndarray | None, dict]:
@@ -123,8 +126,6 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 
 def test_zip_members_never_become_paths_and_bombs_are_refused(tmp_path):
-    import pytest
-
     from dtml_deploy.errors import InputError
     from dtml_deploy.serve.uploads import extract_series
 

@@ -21,6 +21,8 @@ from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.serve.batching import SharedBackend, WindowBatcher
 from tests.serve.conftest import wait_job
 
+pytestmark = pytest.mark.slow  # real crops through a real model, a few seconds each
+
 
 class _SlowCounting:
     """A backend wrapper that counts forwards and their sizes and takes a while for each (as a device

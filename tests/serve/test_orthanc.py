@@ -16,7 +16,7 @@ from dtml_deploy.cli import app
 from tests.serve.conftest import CPU, wait_job
 from tests.serve.orthanc import orthanc_missing, running_orthanc
 
-pytestmark = pytest.mark.skipif(orthanc_missing() is not None, reason=str(orthanc_missing()))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(orthanc_missing() is not None, reason=str(orthanc_missing()))]
 pytest.importorskip("dicomweb_client", reason="the serve extra (dicomweb-client) is not installed")
 hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")

@@ -3,6 +3,7 @@ sub-resources), health, readiness and Prometheus metrics. Errors are JSON `{"err
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from dtml_deploy.serve.uploads import TooLarge, display_name, receive_form, uplo
 from dtml_deploy.serve.work import run_job
 
 MAX_JSON_BYTES = 64 * 1024
+STOP_JOIN_S = 10.0  # after a drain, how long the workers may take to leave a job given up on
 MEDIA_TYPES = {".dcm": "application/dicom", ".gz": "application/gzip", ".png": "image/png"}
 
 
@@ -40,11 +42,11 @@ class Service:
     def start(cls, model: Model, settings: ServeSettings) -> Service:
         store = JobStore(settings.store)
         store.recover("the server stopped before the job finished; submit it again")
-        holder: dict[str, Metrics] = {}
+        # The gauges read `jobs` when scraped, by then it exists.
+        metrics = Metrics(lambda: jobs.depth, lambda: jobs.running, lambda: model.batcher.stats)
         jobs = JobQueue(store, lambda job: run_job(job, store, model, settings), settings.workers, settings.queue,
-                        on_finish=lambda job: holder["m"].finished(job))
-        holder["m"] = Metrics(lambda: jobs.depth, lambda: jobs.running, lambda: model.batcher.stats)
-        service = cls(model, settings, store, jobs, holder["m"])
+                        on_finish=metrics.finished)
+        service = cls(model, settings, store, jobs, metrics)
         threading.Thread(target=service._expire_loop, name="dtml-retention", daemon=True).start()
         return service
 
@@ -52,11 +54,15 @@ class Service:
         wait = min(60.0, self.settings.retention_s / 4)
         while True:
             threading.Event().wait(wait)
-            self.store.expire(self.settings.retention_s)
+            with contextlib.suppress(OSError):  # a folder removed under it (DELETE) is retried next round
+                self.store.expire(self.settings.retention_s)
 
-    def stop(self) -> None:
-        self.jobs.drain(self.settings.drain_s)
+    def stop(self, drain_s: float) -> None:
+        """Drain the queue (see JobQueue.drain), stop the device thread, and let the workers end: a job given
+        up on fails at its next batch, so no thread is inside torch when the process exits."""
+        self.jobs.drain(drain_s)
         self.model.close()
+        self.jobs.join(STOP_JOIN_S)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -45,23 +45,31 @@ class WindowBatcher:
         self.backend = backend
         self.stats = BatchStats()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dtml-device", daemon=True)
         self._thread.start()
 
     def predict(self, windows: torch.Tensor) -> torch.Tensor:
-        if not self._thread.is_alive():
-            raise RuntimeError("the device thread has stopped")
         req = _Request(windows)
-        self._queue.put(req)
+        with self._lock:  # nothing is queued behind the stop marker (see close)
+            if self._closed or not self._thread.is_alive():
+                raise RuntimeError("the device thread has stopped (the server is shutting down)")
+            self._queue.put(req)
         req.done.wait()
         if req.error is not None:
             raise req.error
         return req.out  # type: ignore[return-value]
 
-    def close(self) -> None:
-        """Stop the device thread once the windows already queued have run."""
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the device thread once the windows already queued have run; later calls of `predict` raise,
+        so a job still running ends at its next batch instead of running on into the interpreter's exit."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
         while True:

@@ -128,6 +128,12 @@ class JobQueue:
         for _ in self._threads:
             self._queue.put(None)
 
+    def join(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` in all for the worker threads to end (after `drain`)."""
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.0))
+
     def _fail(self, job: Job, reason: str) -> None:
         job.status, job.error, job.finished = "failed", reason, time.time()
         self.store.save(job)

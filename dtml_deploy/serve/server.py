@@ -50,6 +50,5 @@ def run_server(model: Model, settings: ServeSettings, say: Callable[[str], None]
     try:
         server.run()
     finally:
-        service.jobs.drain(0)  # idempotent after a SIGTERM drain; covers a server that failed to start
-        model.close()
+        service.stop(0)  # nothing left after a SIGTERM drain; a server that failed to start has no jobs
     say("dtml serve: stopped")

@@ -61,8 +61,7 @@ def service_client(serve_bundle: Path, tmp_path: Path) -> Iterator:
 
     yield make
     for service in made:
-        service.jobs.drain(10)
-        service.model.close()
+        service.stop(10)
 
 
 def wait_job(client, job_id: str, timeout: float = 60.0, headers: dict | None = None) -> dict:

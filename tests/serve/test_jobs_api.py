@@ -193,3 +193,20 @@ def test_a_zipped_dicom_series_gives_the_cli_seg(service_client, serve_bundle, s
     want = pydicom.dcmread(case["output"]).pixel_array
     np.testing.assert_array_equal(pydicom.dcmread(tmp_path / "got.dcm").pixel_array, want)
     assert 0 < want.sum() < want.size
+
+
+def test_nrrd_and_mha_uploads_come_back_in_their_own_format(service_client, scan, serve_bundle, tmp_path):
+    sitk = pytest.importorskip("SimpleITK", reason="the itk extra (SimpleITK) is not installed")
+    from dtml_deploy.io.volume import read_volume
+
+    _, client = service_client()
+    for suffix in (".nrrd", ".mha"):
+        path = tmp_path / f"scan{suffix}"
+        sitk.WriteImage(sitk.ReadImage(str(scan)), str(path))
+        job = wait_job(client, _submit(client, path))
+        assert job["status"] == "done", job
+        r = client.get(f"/v1/jobs/{job['id']}/mask")
+        assert r.headers["content-disposition"].endswith(f'filename="mask{suffix}"')
+        (tmp_path / f"got{suffix}").write_bytes(r.content)
+        want, _ = _cli_mask(path, serve_bundle, tmp_path / f"cli_{suffix[1:]}")
+        np.testing.assert_array_equal(read_volume(tmp_path / f"got{suffix}").array.astype(np.uint8), want)

@@ -64,11 +64,10 @@ def test_segment_previews_and_evaluate_report_with_such_names(sample_root: Path,
     assert all(c["status"] == "ok" for c in cases)
     for n in NAMES:
         assert (out / f"{n}.nii.gz").is_file() and (out / f"{n}_preview.png").stat().st_size > 1000
-    masks = {n: out / f"{n}.nii.gz" for n in NAMES}
     pred = tmp_path / "pred"
     pred.mkdir()
-    for n, m in masks.items():
-        (pred / m.name).write_bytes(m.read_bytes())
+    for n in NAMES:
+        (pred / f"{n}.nii.gz").write_bytes((out / f"{n}.nii.gz").read_bytes())
     r = CliRunner().invoke(app, ["evaluate", str(pred), str(gt), "--json", str(tmp_path / "e.json"),
                                  "--report", str(tmp_path / "e.html")])
     assert r.exit_code == 0, r.output

@@ -143,6 +143,7 @@ def _case_line(rep: CaseReport, name: str, model_spacing: tuple[float, float, fl
     windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
     score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
     lines.append(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})")
+    lines.extend(f"  warning: {name}: {w}" for w in rep.warnings or ())
     flagged = warning_line(name, rep.qc)
     if flagged:
         lines.append(f"  {flagged}")

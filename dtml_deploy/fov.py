@@ -50,4 +50,5 @@ def cropped_scan_warning(shape: Sequence[int], spacing: Sequence[float], intensi
     a, b = in_plane_mm(shape, spacing)
     return (f"field of view {a:.0f} x {b:.0f} mm, far smaller than a whole LA LGE-MRI scan (about 360 mm): a "
             "cropped raw scan is z-scored over the crop, not over the whole scan as in training, which costs "
-            "accuracy; give dtml the whole scan (it finds the atrium itself)")
+            "accuracy; give dtml the whole scan, or z-score the whole scan before cropping it (then it is kept "
+            "as stored)")

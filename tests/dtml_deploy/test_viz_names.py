@@ -82,3 +82,31 @@ def test_plot_draws_a_run_named_with_mathtext(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["plot", str(run)])
     assert r.exit_code == 0, r.output
     assert (run / "training_curves.png").stat().st_size > 1000
+
+
+def test_a_thumbnail_that_fails_lists_its_case_once(sample_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import dtml_deploy.viz.report as report
+
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    for n in ("good", "drawn_badly"):
+        lab = crop_real_case(sample_root, sample_ids(sample_root)[0], (32, 32, 32), "labels")
+        nib.save(lab, str(pred / f"{n}.nii.gz"))
+        nib.save(lab, str(gt / f"{n}.nii.gz"))
+    real = report.preview_png
+
+    def failing(mask: np.ndarray, affine: np.ndarray, spacing: object, title: str, **kw: object) -> bytes:
+        if title.startswith("drawn_badly"):
+            raise RuntimeError("cannot draw")
+        return real(mask, affine, spacing, title, **kw)
+
+    monkeypatch.setattr(report, "preview_png", failing)
+    r = CliRunner().invoke(app, ["evaluate", str(pred), str(gt), "--json", str(tmp_path / "e.json"),
+                                 "--report", str(tmp_path / "e.html")])
+    assert r.exit_code == 1, r.output
+    rows = json.loads((tmp_path / "e.json").read_text())["cases"]
+    assert sorted(row["case"] for row in rows) == ["drawn_badly", "good"]
+    bad = next(row for row in rows if row["case"] == "drawn_badly")
+    assert bad["status"] == "failed" and "cannot draw" in bad["error"]

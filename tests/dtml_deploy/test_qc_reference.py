@@ -97,3 +97,23 @@ def test_segment_refuses_a_bad_block_in_one_line_and_runs_without_one_saying_so_
     case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
     assert case["status"] == "ok" and case["qc"] is None
     assert np.asarray(nib.load(tmp_path / "ok" / "scan.nii.gz").dataobj).shape == (32, 32, 32)
+
+
+@pytest.mark.slow  # 3 x 64 leave-one-out fits: seconds
+def test_the_shipped_threshold_is_the_recall_first_rule_fitted_on_the_calibration_rows() -> None:
+    """The bundle's threshold and scale are what benchmarks/qc_threshold.py fits on the 64 calibration
+    rows stored in the JSON, and the rule's held-out (leave-one-out) recall of Dice < 0.85 is at least 0.9."""
+    from benchmarks.qc_threshold import calibrate, choose_threshold
+
+    # the rule on a known answer: 4 failures, recall 0.75 must catch the 3 lowest and no more
+    scores = [0.1, 0.3, 0.5, 0.6, 0.7, 0.9, 0.95]
+    dice = [0.5, 0.8, 0.9, 0.84, 0.92, 0.83, 0.9]
+    assert choose_threshold(scores, dice, 0.85, 0.75) == pytest.approx(0.65)
+    assert choose_threshold(scores, dice, 0.85, 1.0) == pytest.approx(0.925)
+    doc = json.loads((Path(__file__).parents[2] / "benchmarks" / "results" / "qc_calibration_cpu.json").read_text())
+    rows = [r for r in doc["cases"] if (r["config"], r["precision"], r["head"]) == ("dtml", "bf16", "mean")]
+    assert len(rows) == 64
+    result, ref = calibrate(rows, doc["qc_reference"], SHIPPED_QC["agreement_feature"])
+    assert result["cross_validated"]["dice<0.85"]["recall"] >= 0.9
+    assert ref["threshold"] == SHIPPED_QC["threshold"] == doc["qc"]["threshold"]
+    assert list(ref["agreement_scale"]) == SHIPPED_QC["agreement_scale"]

@@ -111,12 +111,24 @@ def _dtml_args(argv: list[str]) -> Any:
     return args
 
 
+def _quiet_process_chatter() -> None:
+    """The agent's log lines about its worker processes ('Sending process 123 closing signal SIGTERM',
+    'failed (exitcode: 7) local_rank: 1', with torch's source paths) say what `failure_lines` says in
+    dtml's words; only this launcher's process is affected."""
+    import logging
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic.multiprocessing"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Launch dtml under torchrun's agent and exit with dtml's code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
     args = _dtml_args(sys.argv[1:] if argv is None else argv)
+    _quiet_process_chatter()
     failures: Mapping[int, Any] = {}
     with tempfile.TemporaryDirectory(prefix="dtml-exit-") as d:
         os.environ[EXIT_DIR_ENV] = d  # the agent passes its environment on to every rank

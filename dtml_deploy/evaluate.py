@@ -210,6 +210,8 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         if img.guessed:
             row["geometry_guessed"] = ",".join(img.guessed)
+        if seg.warnings:  # a cropped raw scan (dtml_deploy/fov.py)
+            row["warnings"] = "; ".join(seg.warnings)
         if seg.qc is not None:
             row.update(qc_score=seg.qc.score, qc_threshold=seg.qc.threshold, qc_flagged=seg.qc.flagged,
                        **{f"qc_{k}": v for k, v in seg.qc.parts.items()})

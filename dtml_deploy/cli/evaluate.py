@@ -87,6 +87,9 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     if rows is None:
         return None
     _warn_guessed(rows, segmenter.bundle.model.spacing)
+    for r in rows:
+        if r.get("warnings"):
+            typer.echo(f"warning: {r['case']}: {r['warnings']}", err=True)
     extra = {"model": str(settings.model), "bundle_hash": segmenter.bundle.content_hash,
              "backend": segmenter.backend.describe(), "cases_from": cases,
              "engine": {"protocol": proto.name, "overlap": proto.overlap, "stride": proto.stride,

@@ -86,3 +86,24 @@ def test_segment_warns_once_records_it_and_qc_sees_it(sample_root: Path, tmp_pat
     assert raw_case["qc"]["features"]["fov_part"] == pytest.approx(30.0 / 200.0)
     assert raw_case["qc"]["parts"]["intensity"] <= 0.15 + 1e-6 and raw_case["qc"]["flagged"]
     assert stored_case["qc"]["features"]["fov_part"] == 1.0
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_model_warns_and_keeps_the_warning_in_its_rows(sample_root: Path, tmp_path: Path) -> None:
+    cid = sample_ids(sample_root)[0]
+    crop = crop_real_case(sample_root, cid, (48, 48, 32))
+    z = crop.get_fdata(dtype=np.float32)
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "labels").mkdir()
+    nib.save(nib.Nifti1Image((z - z.min()) * 180.0 + 20.0, crop.affine), str(tmp_path / "d" / "images" / "raw.nii.gz"))
+    nib.save(crop_real_case(sample_root, cid, (48, 48, 32), "labels"), str(tmp_path / "d" / "labels" / "raw.nii.gz"))
+    bundle = make_bundle(patch=(32, 32, 32))
+    bundle.meta["qc"] = SHIPPED_QC
+    path = bundle.save(tmp_path / "b")
+    r = CliRunner().invoke(app, ["evaluate", "--model", str(path), "--data", str(tmp_path / "d"), "--device", "cpu",
+                                 "--no-progress", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert [ln for ln in r.output.splitlines() if "field of view" in ln] == [
+        "warning: raw: " + cropped_scan_warning((48, 48, 32), (0.625,) * 3, "zscore")]
+    row = json.loads((tmp_path / "e.json").read_text())["cases"][0]
+    assert "field of view 30 x 30 mm" in row["warnings"] and row["qc_flagged"] is True

@@ -138,11 +138,12 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
             bad = grid_mismatch(pv, gv, check_affine=not ignore_geometry)
             if bad:
                 raise InputError(f"{p}: not on the label's grid ({gts[name]}): {bad}")
-            rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+            row = _score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name)
             if gv.guessed:
-                rows[-1]["geometry_guessed"] = ",".join(gv.guessed)
+                row["geometry_guessed"] = ",".join(gv.guessed)
             if visit is not None:
                 visit(name, mask=pv.array, label=gv.array, spacing=gv.spacing, affine=gv.affine)
+            rows.append(row)  # only now: a case whose thumbnail fails is one failed row, not two rows
         except Exception as e:  # one case never stops the others
             rows.append(_failed(name, case_error(p, e)))
     return rows, unscored
@@ -209,6 +210,8 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         if img.guessed:
             row["geometry_guessed"] = ",".join(img.guessed)
+        if seg.warnings:  # a cropped raw scan (dtml_deploy/fov.py)
+            row["warnings"] = "; ".join(seg.warnings)
         if seg.qc is not None:
             row.update(qc_score=seg.qc.score, qc_threshold=seg.qc.threshold, qc_flagged=seg.qc.flagged,
                        **{f"qc_{k}": v for k, v in seg.qc.parts.items()})

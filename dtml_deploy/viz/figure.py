@@ -24,6 +24,14 @@ def require_matplotlib(what: str) -> None:
         raise DtmlError(f"{what} needs matplotlib: {EXTRA}") from None
 
 
+def verbatim(text: object) -> str:
+    """`text` as matplotlib must be given it to draw it as written: a pair of `$` would start mathtext
+    (`a$_$b.nii.gz` fails to render, `p$q$r` turns italic), so every `$` is escaped; matplotlib removes the
+    escape when it draws plain text, so `_`, `^`, `\\`, `{}` and a `\\$` already in a name come out as
+    written too. Every text a user or a file name controls goes through here."""
+    return str(text).replace("$", r"\$")
+
+
 def new_figure(width_in: float, height_in: float, dpi: float = 100) -> Any:
     """A matplotlib Figure on an Agg canvas (no pyplot, so nothing global and no display)."""
     require_matplotlib("drawing")

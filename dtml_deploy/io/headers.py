@@ -121,9 +121,9 @@ def check_header(h: ImageHeader, max_voxels: int, need_spacing: bool = True) -> 
     if h.voxels > max_voxels:
         raise InputError(f"{h.path}: the header's sizes {'x'.join(map(str, h.sizes))} = {h.voxels:,} voxels, "
                          f"over the limit of {max_voxels:,}")
+    _check_data(h)
     check_memory(h.voxels * (h.scalar_bytes + READ_COPY_BYTES), str(h.path), "reading it",
                  "free memory or crop the scan")
-    _check_data(h)
 
 
 def _check_data(h: ImageHeader) -> None:

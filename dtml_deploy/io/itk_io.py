@@ -107,14 +107,19 @@ def native_output() -> Iterator[list[str]]:
         sitk.ProcessObject_SetGlobalWarningDisplay(display)
 
 
+_PREFIX = re.compile(r"^(?:(?:ITK ERROR|[\w:]+)(?:\(0x[0-9a-f]+\))?: )+")  # "ITK ERROR: NrrdImageIO(0x..): "
+_BUILD_PATH = re.compile(r"(/[\w.+-]+)+\.(cxx|hxx|h|cpp|txx)\b")
+
+
 def itk_error(e: Exception, said: Sequence[str] = ()) -> str:
-    """One line for an ITK failure: the last meaningful line of its exception (teem's own reason for a
-    NRRD, without the function names) or of what it printed (`native_output`), never a build path."""
-    lines = [ln.strip() for ln in [*str(e).splitlines(), *said] if ln.strip()]
-    nrrd = [ln.split("] ", 1)[1] for ln in lines if ln.startswith("[nrrd] ")]
-    lines = [re.sub(r"^(ITK ERROR|itk::ERROR|MetaImage): \S+\(0x[0-9a-f]+\): |^[\w:]+: ", "", ln)
-             for ln in (nrrd[-1:] or lines) if not re.search(r"(/[\w.+-]+)+\.(cxx|hxx|h|cpp):\d*", ln)]
-    return lines[-1][:160] if lines else "ITK error"
+    """One line for an ITK failure: what its C++ code printed (`native_output`; MetaIO prints its reason
+    and throws a generic one), else teem's own reason for a NRRD, else the exception's last line; without
+    function names and never with a build path."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not _BUILD_PATH.search(ln)]
+    nrrd = [ln for ln in lines if ln.startswith("[nrrd] ")]
+    chosen = [ln for ln in said if not _BUILD_PATH.search(ln)] or nrrd[-1:] or lines[-1:]
+    text = "; ".join(_PREFIX.sub("", ln.replace("[nrrd] ", "")) for ln in chosen)
+    return text[:160] if text else "ITK error"
 
 
 def volume_from_image(image: Any, path: Path, family: str, files: tuple[str, ...] = (),

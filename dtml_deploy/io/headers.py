@@ -90,11 +90,6 @@ def header_lines(path: Path, stop: bytes = b"") -> tuple[list[str], int]:
         return lines, f.tell()
 
 
-def spacing_of(axes: np.ndarray) -> tuple[float, float, float]:
-    s = np.linalg.norm(axes, axis=0)
-    return float(s[0]), float(s[1]), float(s[2])
-
-
 def check_axes(axes: np.ndarray, path: Path, what: str) -> np.ndarray:
     """Voxel axes (columns) that are finite, non-zero and span 3D; `what` names the header field."""
     if not np.isfinite(axes).all():

@@ -25,7 +25,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +33,7 @@ import numpy as np
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.io.extent import voxel_estimate
+from dtml_deploy.io.geometry import GridTolerance
 from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
@@ -51,14 +51,6 @@ def _binary(array: np.ndarray, path: Path) -> np.ndarray:
     if not np.isin(values, (0.0, 1.0)).all():
         raise InputError(f"{path}: mask is not binary (values {values[:6].tolist()})")
     return array > 0.5
-
-
-@dataclass(frozen=True)
-class GridTolerance:
-    """How far a prediction's grid may be from its label's and still be scored voxel by voxel."""
-
-    translation_mm: float = 1e-3  # origin (affine column 4)
-    rtol: float = 1e-4  # voxel axes (affine 3x3 part), relative to its largest entry
 
 
 def grid_mismatch(pred: Volume, gt: Volume, tol: GridTolerance = GridTolerance(),

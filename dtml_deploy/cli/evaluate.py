@@ -73,6 +73,8 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     ranks = Ranks.from_env()
     segmenter = build_segmenter(settings, bundle, ranks)
     if ranks.is_main:
+        for note in source.notes:
+            typer.echo(note, err=True)
         typer.echo(f"segmenting {len(ids)} cases{ranks.running(segmenter.backend.describe())}", err=True)
         backend = segmenter.backend
         for note in (cpu_precision_note(backend.name, backend.device, backend.options.precision, True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from dtml_deploy.cli.common import (
     RankTimeoutOpt,
     bundle_path,
     default_of,
+    echo_err,
     exit_for_failures,
     fail,
     inference_settings,
@@ -30,18 +32,23 @@ from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> list[Path]:
     """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
-    DICOM series (io/formats.find_scans); globs expanded."""
+    DICOM series (io/formats.find_scans); globs expanded. What a challenge folder holds besides its scans
+    goes to `note`, one line each."""
     import glob
 
+    from dtml_deploy.io.challenge import stray_notes
     from dtml_deploy.io.formats import find_scans
 
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(find_scans(p))
+            scans = find_scans(p)
+            for line in stray_notes(p, scans):
+                note(line)
+            found.extend(scans)
         elif not p.exists() and any(c in item for c in "*?["):
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -97,7 +104,8 @@ def segment(
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
         bundle, settings = load_for_backend(settings)
-        job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
+        job = SegmentJob(inputs=expand_inputs(inputs, echo_err if ranks.is_main else lambda _: None),
+                         output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
         reports = run_segment(job, settings, bundle, ranks, shard)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.viz.figure import new_figure, save_png, verbatim
+from dtml_deploy.viz.figure import new_figure, save_png, tight_layout, verbatim
 
 
 def timed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,7 +45,7 @@ def benchmark_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
     if other:  # the reasons are in the table and the JSON; the chart only names the rows
         fig.text(0.01, 0.01, verbatim("not timed: " + ", ".join(other)), fontsize=7, color="#555")
     fig.suptitle(verbatim(title or "dtml benchmark"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 if other else 0, 1, 1))
+    tight_layout(fig, rect=(0, 0.05 if other else 0, 1, 1))
     return fig
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.viz.figure import new_figure, save_png, verbatim
+from dtml_deploy.viz.figure import new_figure, save_png, tight_layout, verbatim
 
 CURVES_PNG = "training_curves.png"
 
@@ -105,7 +105,7 @@ def curves_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
         ax.grid(alpha=0.3)
     last = steps[-1]["iteration"] + 1 if steps else 0
     fig.suptitle(verbatim(f"{title}{' · ' if title else ''}{last} iterations logged"), fontsize=11)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 

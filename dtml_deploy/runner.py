@@ -19,7 +19,7 @@ from dtml_deploy.io.reports import check_report_path, write_report_text
 from dtml_deploy.limits import WorkLimits
 from dtml_deploy.qc import warning_line
 from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases
-from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name, output_is_file
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_names, output_is_file
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
     note = cpu_precision_note(backend.name, backend.device, backend.options.precision, req.precision is not None)
     if note:
         say(note)
-    names = [case_name(p) for p in job.inputs]
+    names = case_names(job.inputs)
     dupes = {n for n in names if names.count(n) > 1}
     guessed: list[bool] = []
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                 bar.update(task, completed=done, total=total)
                 beat()
 
-            rep = segmenter.segment_file(path, job.output, job.overwrite, progress)
+            rep = segmenter.segment_file(path, job.output, job.overwrite, progress, name)
             bar.remove_task(task)
             return rep.to_dict()
 

@@ -114,6 +114,20 @@ def case_name(path: Path) -> str:
     return strip_suffix(path.name)
 
 
+def case_names(paths: list[Path]) -> list[str]:
+    """`case_name` of each input, except that DICOM series sharing a name (every patient's 'S7_LGE' in one
+    archive) get their PatientID, or a short SeriesInstanceUID digest, appended to tell them apart."""
+    from dtml_deploy.io.dicom_series import distinct_series_names, is_dicom_file
+    from dtml_deploy.io.volume import has_volume_suffix
+
+    names = [case_name(p) for p in paths]
+    shared = [i for i, p in enumerate(paths) if names.count(names[i]) > 1
+              and not has_volume_suffix(p) and is_dicom_file(p)]
+    for i, name in zip(shared, distinct_series_names([paths[i] for i in shared], [names[i] for i in shared])):
+        names[i] = name
+    return names
+
+
 class Segmenter:
     """Binds a bundle, a backend and options; segments arrays or files."""
 
@@ -198,10 +212,11 @@ class Segmenter:
                      f"window(s)", "lower --batch, or check the voxel size")
 
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
-                     progress: Any = None) -> CaseReport:
+                     progress: Any = None, name: str | None = None) -> CaseReport:
         """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
-        optional maps, and report. Any failure of the case (bad input, limits, out of memory, unwritable
-        outputs, an unexpected error) becomes a 'failed' report with one line, so a batch goes on."""
+        optional maps, and report; `name` replaces `case_name(path)` (see `case_names`). Any failure of the
+        case (bad input, limits, out of memory, unwritable outputs, an unexpected error) becomes a 'failed'
+        report with one line, so a batch goes on."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
@@ -210,7 +225,7 @@ class Segmenter:
                               max_voxels=self.options.limits.max_voxels)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self._output_paths(vol, Path(out))
+            paths = self._output_paths(vol, Path(out), name or case_name(vol.path))
             outputs = dict(paths)
             for p in outputs.values():
                 if p.exists() and not overwrite:
@@ -224,7 +239,7 @@ class Segmenter:
             # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
             # series or a failed drawing leaves no file behind.
             prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
-                        for path, png in self._previews(vol, seg, report, outputs).items()]
+                        for path, png in self._previews(vol, seg, report, outputs, name).items()]
             outputs.pop("preview", None)
             if "dicom_seg" in outputs:
                 from dtml_deploy.io.dicom_seg import build_seg, save_seg
@@ -251,7 +266,7 @@ class Segmenter:
             report.error = case_error(path, e)
         return report
 
-    def _output_paths(self, vol: Volume, out: Path) -> dict[str, Path]:
+    def _output_paths(self, vol: Volume, out: Path, case: str) -> dict[str, Path]:
         cfg = self.options.engine
         if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
             fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
@@ -261,7 +276,7 @@ class Segmenter:
             ext = out.name[len(name):]
             paths = {"mask": out}
         else:
-            name = case_name(vol.path)
+            name = case
             fmt = resolve_format(vol, self.options.output_format)
             out_dir, ext = out, map_suffix(fmt)
             paths = {"mask": out_dir / f"{name}{ext}"}
@@ -282,13 +297,13 @@ class Segmenter:
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,
-                  outputs: dict[str, Path]) -> dict[Path, bytes]:
+                  outputs: dict[str, Path], name: str | None = None) -> dict[Path, bytes]:
         """The preview PNG (when asked for), drawn before anything is written so it joins the case's unit."""
         if "preview" not in outputs:
             return {}
         from dtml_deploy.viz.preview import case_preview_png
 
         t = time.perf_counter()
-        png = case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head, report)
+        png = case_preview_png(vol, seg, name or case_name(vol.path), self.options.engine.head, report)
         seg.seconds["preview"] = time.perf_counter() - t
         return {outputs["preview"]: png}

@@ -30,9 +30,9 @@ from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str], notes: list[str] | None = None) -> list[Path]:
     """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
-    DICOM series (io/formats.find_scans); globs expanded."""
+    DICOM series (io/formats.find_scans, which adds a line to `notes` for each file it skips); globs expanded."""
     import glob
 
     from dtml_deploy.io.formats import find_scans
@@ -41,7 +41,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(find_scans(p))
+            found.extend(find_scans(p, notes))
         elif not p.exists() and any(c in item for c in "*?["):
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -97,7 +97,11 @@ def segment(
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
         bundle, settings = load_for_backend(settings)
-        job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
+        notes: list[str] = []
+        found = expand_inputs(inputs, notes)
+        for line in notes if ranks.is_main else ():
+            typer.echo(f"note: {line}", err=True)
+        job = SegmentJob(inputs=found, output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
         reports = run_segment(job, settings, bundle, ranks, shard)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case

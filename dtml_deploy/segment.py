@@ -245,7 +245,8 @@ class Segmenter:
                 from dtml_deploy.io.dicom_seg import build_seg, save_seg
 
                 ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-                prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+                prepared.insert(0, (outputs.pop("dicom_seg"),
+                                    lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
             write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)

@@ -109,7 +109,7 @@ def _is_multi(raw: Any) -> bool:
 
 def _show(raw: Any) -> str:
     text = "\\".join(str(v) for v in raw) if _is_multi(raw) else str(raw)
-    return repr(text[:60])
+    return f"'{text[:60]}'"
 
 
 def _same_slices(headers: list[tuple[str, Any]], tol: GridTolerance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,7 +2,13 @@
 source series' own slices, referencing them, with the algorithm (dtml, its version, the bundle hash).
 
 Frames map one to one onto the source slices in the series' sorted order (empty frames are kept), so
-frame k carries mask[:, :, k] transposed to (rows, columns) and the source slice's position.
+frame k carries mask[:, :, k] transposed to (rows, columns) and the source slice's position. The SEG's
+geometry comes from the checked grid of the source positions (dicom_geometry.series_grid), never from
+the sources' SliceThickness or SpacingBetweenSlices (often empty, zero or contradicting the positions):
+PixelSpacing as read, SpacingBetweenSlices and SliceThickness both the step between positions (the
+mask's voxels touch, as on the grid the mask was computed on), each frame at its source slice's
+ImagePositionPatient. A SEG is saved only after
+reading it back (highdicom) reproduces the mask voxel for voxel on that grid (`save_seg`).
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import numpy as np
 
 from dtml_deploy import __version__
 from dtml_deploy.errors import InputError
+from dtml_deploy.io.dicom_geometry import DTML_MANUFACTURER, TOLERANCE, SeriesGrid, series_grid
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume
 
 SEGMENT_LABEL = "left atrium cavity"
+SERIES_DESCRIPTION = "dtml left atrium"
 
 
 def _require() -> tuple[Any, Any]:
@@ -27,6 +35,17 @@ def _require() -> tuple[Any, Any]:
     except ImportError:
         raise InputError("writing DICOM SEG needs highdicom and pydicom: pip install 'dtml[dicom]'") from None
     return hd, pydicom
+
+
+def _set_slice_geometry(sources: list[Any], grid: SeriesGrid) -> None:
+    """Give the in-memory source headers the slice step of their positions as SliceThickness and
+    SpacingBetweenSlices: highdicom copies both into the SEG, and reads SliceThickness unconditionally."""
+    from pydicom.valuerep import DS
+
+    step = DS(grid.spacing[2], auto_format=True)
+    for ds in sources:
+        ds.SliceThickness = step
+        ds.SpacingBetweenSlices = step
 
 
 def build_seg(ref: Volume, mask: np.ndarray, bundle_hash: str) -> Any:
@@ -39,6 +58,10 @@ def build_seg(ref: Volume, mask: np.ndarray, bundle_hash: str) -> Any:
     from pydicom.sr.codedict import codes
 
     sources = [pydicom.dcmread(f) for f in ref.header.files]
+    grid = series_grid(str(ref.path), list(zip(ref.header.files, sources)))
+    if grid.files != tuple(ref.header.files):
+        raise InputError(f"{ref.path}: the series changed on disk while it was segmented")
+    _set_slice_geometry(sources, grid)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="dtml", family=codes.cid7162.ArtificialIntelligence, version=__version__,
         parameters={"bundle_hash": bundle_hash})
@@ -52,12 +75,49 @@ def build_seg(ref: Volume, mask: np.ndarray, bundle_hash: str) -> Any:
             source_images=sources, pixel_array=np.ascontiguousarray(mask.transpose(2, 1, 0) > 0),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
             series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="dtml", manufacturer_model_name="dtml",
-            software_versions=__version__, device_serial_number="none", series_description="dtml left atrium",
-            omit_empty_frames=False)
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=DTML_MANUFACTURER,
+            manufacturer_model_name="dtml", software_versions=__version__, device_serial_number="none",
+            series_description=SERIES_DESCRIPTION, omit_empty_frames=False)
     except (ValueError, TypeError, AttributeError) as e:  # highdicom's checks on the source series
         raise InputError(f"{ref.path}: cannot build DICOM SEG from this series ({str(e)[:160]})") from None
 
 
-def save_seg(dataset: Any, path: Path) -> None:
+def save_seg(dataset: Any, path: Path, ref: Volume, mask: np.ndarray) -> None:
+    """Write `dataset` to `path`, then read it back (`check_seg`); a SEG that does not reproduce `mask`
+    on `ref`'s grid is an error (the caller removes the file)."""
     dataset.save_as(str(path), enforce_file_format=True)
+    check_seg(path, ref, mask)
+
+
+def check_seg(path: Path, ref: Volume, mask: np.ndarray) -> None:
+    """Read the SEG at `path` as a volume with highdicom and check that it is `mask` (X, Y, Z), voxel for
+    voxel, at the same world positions as `ref`'s grid (within `GridTolerance.position` of a voxel)."""
+    hd, _ = _require()
+    try:
+        volume = hd.seg.segread(str(path)).get_volume(segment_numbers=[1])
+    except Exception as e:  # any failure to read it back means the SEG is not what was meant
+        raise InputError(f"{path}: the DICOM SEG written does not read back as a volume ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
+    geo = ref.header
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(geo.direction, dtype=np.float64).reshape(3, 3) * np.asarray(geo.spacing)
+    lps[:3, 3] = geo.origin
+    to_ours = np.linalg.solve(lps, volume.affine)  # highdicom's (slice, row, column) -> our (i, j, k)
+    axes, offset = np.round(to_ours[:3, :3]), np.round(to_ours[:3, 3])
+    signed_permutation = (np.abs(axes).sum(0) == 1).all() and (np.abs(axes).sum(1) == 1).all()
+    if not signed_permutation or np.abs(to_ours[:3] - np.c_[axes, offset]).max() > TOLERANCE.position:
+        raise InputError(f"{path}: the DICOM SEG written reads back on another grid than its source series")
+    array = np.asarray(volume.array).reshape(volume.array.shape[:3])
+    source_axis = [int(np.flatnonzero(axes[a])[0]) for a in range(3)]
+    array = array.transpose(source_axis)
+    for a in range(3):
+        if axes[a, source_axis[a]] < 0:
+            array = np.flip(array, a)
+    start = [int(o) if axes[a, source_axis[a]] > 0 else int(o) - n + 1
+             for a, (o, n) in enumerate(zip(offset, array.shape))]
+    if start != [0, 0, 0] or array.shape != mask.shape:
+        raise InputError(f"{path}: the DICOM SEG written reads back as {array.shape} voxels at {start} instead of "
+                         f"the mask's {mask.shape}")
+    wrong = int(np.count_nonzero((array > 0) != (mask > 0)))
+    if wrong:
+        raise InputError(f"{path}: the DICOM SEG written reads back with {wrong} voxels differing from the mask")

@@ -107,7 +107,7 @@ def test_a_missing_slice_is_an_uneven_gap(sample_root, tmp_path):
 def test_scanner_rounding_and_file_order_are_accepted_on_the_exact_grid(sample_root, tmp_path):
     """Positions rounded to 1 um and orientation to 1e-6 (as scanners write DS) still read, in slice order
     whatever the file names, on the grid the headers define."""
-    folder, direction, origin = _series(tmp_path, sample_root)
+    folder = _series(tmp_path, sample_root)[0]
     exact = read_volume(folder)
 
     def rounded(ds, k):

@@ -91,8 +91,8 @@ def distinct_series_names(paths: list[Path], names: list[str]) -> list[str]:
     """`names` (the readable series names of DICOM slices `paths`), made distinct where two differ only
     in their series: the PatientID is appended when that tells them apart, else a short SeriesInstanceUID
     digest. Two paths of one series keep one name (they are the same case)."""
-    headers = [read_header(p) for p in paths]
-    uids = [str(ds.get("SeriesInstanceUID", "") or "") for ds in headers]
+    headers = [_header_or_empty(p) for p in paths]
+    uids = [str(ds.get("SeriesInstanceUID", "") or p) for p, ds in zip(paths, headers)]
     out = list(names)
     for name in set(names):
         group = [i for i, n in enumerate(names) if n == name]
@@ -105,6 +105,14 @@ def distinct_series_names(paths: list[Path], names: list[str]) -> list[str]:
         for i in group:
             out[i] = f"{name}_{patient[i] if by_patient else _uid_digest(uids[i])}"
     return out
+
+
+def _header_or_empty(path: Path) -> Any:
+    """The header, or an empty one for a file that cannot be read: that case fails when it is read."""
+    try:
+        return read_header(path)
+    except InputError:
+        return {}
 
 
 def _uid_digest(uid: str) -> str:
@@ -149,10 +157,16 @@ def read_series(path: Path) -> Volume:
     grid = series_grid(str(path), slices)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(grid.files))
+    # ITK warns (to stderr, with its build path) about position rounding far below what series_grid
+    # accepted; the grid is checked above, so its warnings are off for this read only.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         image = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"{path}: cannot read DICOM series ({itk_error(e)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if image.GetDimension() == 3 and image.GetSize()[2] == len(grid.files):
         # the grid checked from the headers, not the one ITK derives (it does not check shear or gaps)
         image.SetOrigin(tuple(float(v) for v in grid.origin))

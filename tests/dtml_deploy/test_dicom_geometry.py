@@ -8,6 +8,8 @@ or mixed orientations, mixed sizes, uneven, repeated or missing positions.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -119,3 +121,8 @@ def test_scanner_rounding_and_file_order_are_accepted_on_the_exact_grid(sample_r
     vol = read_volume(folder)
     np.testing.assert_array_equal(vol.array, exact.array)
     np.testing.assert_allclose(vol.affine, exact.affine, atol=2e-3)
+    # ITK's own warning about that rounding (C++ stderr, with its build path) does not reach the console
+    run = subprocess.run([sys.executable, "-c", f"from dtml_deploy.io.volume import read_volume; "
+                          f"read_volume(__import__('pathlib').Path({str(folder)!r}))"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0 and run.stderr == "", run.stderr

@@ -227,6 +227,10 @@ class Segmenter:
             report.geometry_guessed = list(vol.guessed) or None
             paths = self._output_paths(vol, Path(out), name or case_name(vol.path))
             outputs = dict(paths)
+            if "dicom_seg" in paths:  # a series no SEG can reference fails before any work
+                from dtml_deploy.io.dicom_seg import check_seg_sources
+
+                check_seg_sources(vol)
             for p in outputs.values():
                 if p.exists() and not overwrite:
                     raise InputError(f"{p}: exists (use --overwrite to replace it)")

@@ -114,6 +114,9 @@ def _show(raw: Any) -> str:
 
 def _same_slices(headers: list[tuple[str, Any]], tol: GridTolerance) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-slice orientation, pixel spacing and positions, checked to be finite, valid and shared."""
+    frames = {str(ds.get("FrameOfReferenceUID", "") or "") for _, ds in headers}
+    if len(frames) > 1:  # positions in different frames of reference cannot be compared
+        raise InputError(f"slices in {len(frames)} different frames of reference (FrameOfReferenceUID) in one series")
     if any(int(ds.get("NumberOfFrames") or 1) > 1 for _, ds in headers):
         raise InputError("multi-frame (enhanced) DICOM is not supported; export one file per slice")
     iops = np.array([_values(ds, "ImageOrientationPatient", 6, f) for f, ds in headers])

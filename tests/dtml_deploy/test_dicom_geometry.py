@@ -82,6 +82,8 @@ def _cases(direction: np.ndarray) -> dict[str, tuple[Callable[[object, int], Non
         "mixed spacing": (_only(1, _set("PixelSpacing", ["0.7", "0.7"])), "different PixelSpacing"),
         "mixed size": (_only(2, lambda ds, k: (setattr(ds, "Rows", 5), setattr(ds, "Columns", 24))),
                        "different sizes .*5x24"),
+        "mixed frame of reference": (_only(2, _set("FrameOfReferenceUID", "1.2.3.4")),
+                                     "2 different frames of reference"),
         "uneven gaps": (_only(3, _shift(lambda k: 0.1 * direction[:, 2])), "uneven slice gaps"),
         "repeated position": (_only(3, _shift(lambda k: -step * direction[:, 2])), "repeated positions"),
         "no position": (_only(1, lambda ds, k: delattr(ds, "ImagePositionPatient")), "no ImagePositionPatient"),

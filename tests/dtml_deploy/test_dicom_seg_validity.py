@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -37,7 +38,15 @@ SOURCES = {  # series number -> what is odd about the source's slice tags
     13: ("zero SliceThickness", lambda ds, k: setattr(ds, "SliceThickness", 0)),
     14: ("SpacingBetweenSlices 2.5 against positions 0.625 apart",
          lambda ds, k: setattr(ds, "SpacingBetweenSlices", 2.5)),
+    2**31 - 1: ("anonymised: no PatientID, Modality or StudyDate, PatientName 'ANON', PatientSex 'Male', "
+                "an impossible StudyTime, the largest SeriesNumber", lambda ds, k: _anonymised(ds)),
 }
+
+
+def _anonymised(ds) -> None:
+    for keyword in ("PatientID", "Modality", "StudyDate"):
+        delattr(ds, keyword)
+    ds.PatientName, ds.PatientSex, ds.StudyTime = "ANON", "Male", "250000"
 
 
 def _tool(name: str) -> str | None:
@@ -61,8 +70,17 @@ def odd_sources(sample_root, tmp_path_factory):
     centre = voxels.astype(np.float32)
     bundle = make_bundle(centre_on=(centre - centre.mean()) / centre.std()).save(root / "bundle")
     out = root / "out"
-    result = _cli("segment", root / "study", "-o", out, "--model", bundle, *CPU)
+    with warnings.catch_warnings(record=True) as caught:  # what Python would print on the console
+        warnings.simplefilter("always")
+        result = _cli("segment", root / "study", "-o", out, "--model", bundle, *CPU)
+    result.caught = [f"{w.category.__name__}: {w.message}" for w in caught]
     return root, out, bundle, result
+
+
+def test_no_library_warnings_reach_the_console(odd_sources):
+    result = odd_sources[3]
+    assert result.exit_code == 0, result.stderr
+    assert result.caught == []
 
 
 def test_odd_sources_give_segs_on_the_positions_grid(odd_sources):
@@ -143,3 +161,29 @@ def test_check_seg_refuses_a_seg_on_another_grid(odd_sources, tmp_path):
     with pytest.raises(InputError, match="reads back on another grid"):
         check_seg(moved, ref, mask)
     check_seg(out / "S11_LGE_seg.dcm", ref, mask)  # the SEG as written passes
+
+
+@pytest.mark.parametrize("fault, change, match", [
+    ("no FrameOfReferenceUID", lambda ds, k: delattr(ds, "FrameOfReferenceUID"), "has no FrameOfReferenceUID"),
+    ("a StudyInstanceUID with letters", lambda ds, k: setattr(ds, "StudyInstanceUID", "1.2.abc"),
+     "has an invalid StudyInstanceUID"),
+    ("slices of two studies", lambda ds, k: setattr(ds, "StudyInstanceUID", f"1.2.3.{k % 2}"), "belong to 2 studies"),
+])
+def test_a_series_no_seg_can_reference_is_refused_before_inference(fault, change, match, odd_sources, sample_root,
+                                                                    monkeypatch, tmp_path):
+    from dtml_deploy.segment import Segmenter
+
+    bundle = odd_sources[2]
+    series = edit_slices(write_dicom_series(tmp_path / "s", _real_voxels(sample_root)[:, :, :4], *_oblique_lps()),
+                         change)
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError(f"{fault}: inference ran before the refusal")
+
+    monkeypatch.setattr(Segmenter, "segment_array", no_inference)
+    out = tmp_path / "out"
+    result = _cli("segment", series, "-o", out, "--model", bundle, *CPU)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, (fault, result.stderr)
+    assert str(series) in errors[0] and "cannot write a DICOM SEG: " in errors[0] and match in errors[0], errors
+    assert not out.exists() or list(out.iterdir()) == []

@@ -90,7 +90,8 @@ def non_image_kind(ds: Any) -> str | None:
 def _values(ds: Any, keyword: str, count: int, file: str) -> np.ndarray:
     """`count` finite floats from a DS tag, or a one-line error naming the file and the raw value."""
     if keyword not in ds or ds[keyword].is_empty:
-        raise InputError(f"a slice of the series has no {keyword}; dtml does not guess geometry")
+        raise InputError(f"a slice of the series ({Path(file).name}) has no {keyword}; dtml does not guess "
+                         "geometry")
     with warnings.catch_warnings():  # pydicom warns on values like 'nan'; the refusal below names them
         warnings.simplefilter("ignore")
         raw = ds[keyword].value
@@ -170,8 +171,11 @@ def series_grid(label: str, headers: list[tuple[str, Any]], tol: GridTolerance =
                          "grid first")
     step = depth[-1] / (len(depth) - 1)
     if np.abs(depth - step * np.arange(len(depth))).max() > tol.position * step:
-        raise InputError(f"{label}: uneven slice gaps ({gaps.min():.4g} to {gaps.max():.4g} mm); resample it to "
-                         "a regular grid first")
+        ratio = gaps.max() / gaps.min()
+        missing = (f"; {round(ratio) - 1} slice(s) missing after slice {int(gaps.argmax()) + 1}?"
+                   if round(ratio) >= 2 and abs(ratio - round(ratio)) < 0.05 else "")
+        raise InputError(f"{label}: uneven slice gaps ({gaps.min():.4g} to {gaps.max():.4g} mm{missing}); resample "
+                         "it to a regular grid first")
     return SeriesGrid(files=tuple(headers[i][0] for i in order), origin=ipps[0],
                       direction=np.stack([row, col, normal], axis=1),
                       spacing=(float(pixel[1]), float(pixel[0]), float(step)), positions=ipps)

@@ -132,3 +132,28 @@ def test_same_named_series_of_one_patient_get_a_short_uid_suffix(sample_root, tm
     assert names[3] == "S8_LGE_3D"  # a name no other series shares stays as it was
     assert names[4] == names[0]  # two paths of one series are one case name (refused later as a duplicate)
     assert case_names(firsts) == names[:3] and uids[0] != uids[1]  # the suffix depends on the UID alone
+
+
+def test_a_batch_keeps_its_good_series_when_others_are_not_a_grid(sample_root, bundle, tmp_path):
+    from tests.dtml_deploy.test_dicom_geometry import edit_slices
+
+    voxels, (direction, origin) = _real_voxels(sample_root), _oblique_lps()
+    archive = tmp_path / "archive"
+    write_dicom_series(archive / "good", voxels, direction, origin, number=1)
+    def tilt(ds, k):  # each slice 0.3 mm further along the columns: a tilted stack
+        ipp = np.array([float(x) for x in ds.ImagePositionPatient]) + 0.3 * k * direction[:, 1]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+
+    faults = {"tilted": (2, tilt, "gantry-tilted"),
+              "nanspacing": (3, lambda ds, k: setattr(ds, "PixelSpacing", ["nan", "0.625"]), "not 2 finite numbers"),
+              "mixedsize": (4, lambda ds, k: setattr(ds, "Rows", 8) if k == 5 else None, "different sizes")}
+    for name, (number, change, _) in faults.items():
+        edit_slices(write_dicom_series(archive / name, voxels[:, :, :8], direction, origin, number=number), change)
+    out = tmp_path / "out"
+    result = _cli("segment", archive, "-o", out, "--model", bundle, *CPU)
+    assert result.exit_code == 1, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["S1_LGE_3D.nii.gz", "S1_LGE_3D_seg.dcm"]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == len(faults)
+    for name, (_, _, match) in faults.items():
+        assert sum(str(archive / name) in ln and match in ln for ln in errors) == 1, (name, errors)

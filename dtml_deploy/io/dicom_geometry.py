@@ -61,9 +61,18 @@ class SeriesGrid:
     positions: np.ndarray  # (n, 3) each slice's ImagePositionPatient, in k order
 
 
+def require_pydicom() -> Any:
+    """pydicom, or a one-line error naming the extra that installs it."""
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError("reading DICOM needs pydicom: pip install 'dtml[dicom]'") from None
+    return pydicom
+
+
 def read_header(path: Path) -> Any:
     """The DICOM header of `path` (pydicom, stops before pixel data)."""
-    import pydicom
+    pydicom = require_pydicom()
 
     try:
         with warnings.catch_warnings():  # invalid values are refused where they are used, by name

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dtml_deploy.errors import InputError
-from dtml_deploy.io.dicom_geometry import non_image_kind, read_header, series_grid
+from dtml_deploy.io.dicom_geometry import non_image_kind, read_header, require_pydicom, series_grid
 from dtml_deploy.io.itk_io import itk_error, require_sitk, volume_from_image
 from dtml_deploy.io.volume import Volume
 
@@ -36,18 +36,11 @@ def is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _require_pydicom() -> None:
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
-        raise InputError("reading DICOM needs pydicom: pip install 'dtml[dicom]'") from None
-
-
 def folder_series(folder: Path, notes: list[str] | None = None) -> dict[str, list[tuple[str, Any]]]:
     """The image series of one folder: SeriesInstanceUID -> [(file, header)], files in name order.
     Unreadable and non-image DICOM files are skipped, each with a line in `notes`."""
     require_sitk("reading DICOM", "dicom")
-    _require_pydicom()
+    require_pydicom()  # before the loop below, where a failed read only skips that file
     series: dict[str, list[tuple[str, Any]]] = {}
     for f in sorted(p for p in folder.iterdir() if is_dicom_file(p)):
         try:

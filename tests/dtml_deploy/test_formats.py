@@ -322,6 +322,9 @@ def test_a_missing_extra_is_one_line_naming_it(oblique, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "SimpleITK", None)  # import fails as if not installed
     _expect_error(oblique["nrrd"], r"reading \.nrrd needs SimpleITK: pip install 'dtml\[itk\]'")
     _expect_error(oblique["dicom"], r"reading DICOM needs SimpleITK: pip install 'dtml\[dicom\]'")
+    monkeypatch.setitem(sys.modules, "SimpleITK", sitk)  # installed again: now pydicom is missing
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    _expect_error(oblique["dicom"], r"reading DICOM needs pydicom: pip install 'dtml\[dicom\]'")
     monkeypatch.setitem(sys.modules, "highdicom", None)
     from dtml_deploy.io.dicom_seg import _require
 

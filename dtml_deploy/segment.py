@@ -116,14 +116,16 @@ def case_name(path: Path) -> str:
 
 def case_names(paths: list[Path]) -> list[str]:
     """`case_name` of each input, except that DICOM series sharing a name (every patient's 'S7_LGE' in one
-    archive) get their PatientID, or a short SeriesInstanceUID digest, appended to tell them apart."""
+    archive, or a scan file's name) get their PatientID, or a short SeriesInstanceUID digest, appended."""
     from dtml_deploy.io.dicom_series import distinct_series_names, is_dicom_file
     from dtml_deploy.io.volume import has_volume_suffix
 
     names = [case_name(p) for p in paths]
-    shared = [i for i, p in enumerate(paths) if names.count(names[i]) > 1
-              and not has_volume_suffix(p) and is_dicom_file(p)]
-    for i, name in zip(shared, distinct_series_names([paths[i] for i in shared], [names[i] for i in shared])):
+    dicom = [not has_volume_suffix(p) and is_dicom_file(p) for p in paths]
+    shared = [i for i, n in enumerate(names) if dicom[i] and names.count(n) > 1]
+    taken = {n for n, d in zip(names, dicom) if not d}  # a scan file of the same name keeps it
+    for i, name in zip(shared, distinct_series_names([paths[i] for i in shared], [names[i] for i in shared],
+                                                     taken)):
         names[i] = name
     return names
 

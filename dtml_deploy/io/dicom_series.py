@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +81,18 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
 
 
-def distinct_series_names(paths: list[Path], names: list[str]) -> list[str]:
+def distinct_series_names(paths: list[Path], names: list[str], taken: Collection[str] = ()) -> list[str]:
     """`names` (the readable series names of DICOM slices `paths`), made distinct where two differ only
-    in their series: the PatientID is appended when that tells them apart, else a short SeriesInstanceUID
-    digest. Two paths of one series keep one name (they are the same case)."""
+    in their series, or where a name is `taken` by another input: the PatientID is appended when that
+    tells them apart, else a short SeriesInstanceUID digest. Two paths of one series keep one name (they
+    are the same case)."""
     headers = [_header_or_empty(p) for p in paths]
     uids = [str(ds.get("SeriesInstanceUID", "") or p) for p, ds in zip(paths, headers)]
     out = list(names)
     for name in set(names):
         group = [i for i, n in enumerate(names) if n == name]
         series = {uids[i] for i in group}
-        if len(series) < 2:
+        if len(series) < 2 and name not in taken:
             continue
         patient = {i: _safe(str(headers[i].get("PatientID", "") or "")) for i in group}
         pairs = {(uids[i], patient[i]) for i in group}

@@ -132,6 +132,9 @@ def test_same_named_series_of_one_patient_get_a_short_uid_suffix(sample_root, tm
     assert names[3] == "S8_LGE_3D"  # a name no other series shares stays as it was
     assert names[4] == names[0]  # two paths of one series are one case name (refused later as a duplicate)
     assert case_names(firsts) == names[:3] and uids[0] != uids[1]  # the suffix depends on the UID alone
+    scan = tmp_path / "S8_LGE_3D.nii.gz"  # a scan file named like a series: the series gives way
+    scan.write_bytes(b"")
+    assert case_names([other, scan]) == ["S8_LGE_3D_LA1", "S8_LGE_3D"]
 
 
 def test_a_batch_keeps_its_good_series_when_others_are_not_a_grid(sample_root, bundle, tmp_path):

@@ -20,7 +20,7 @@ from dtml_deploy.limits import WorkLimits
 from dtml_deploy.qc import warning_line
 from dtml_deploy.qc_reference import no_qc_note
 from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases
-from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name, output_is_file
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_names, output_is_file
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                  no_qc_note(bundle.meta) if req.qc else None):
         if note:
             say(note)
-    names = [case_name(p) for p in job.inputs]
+    names = case_names(job.inputs)
     dupes = {n for n in names if names.count(n) > 1}
     guessed: list[bool] = []
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                 bar.update(task, completed=done, total=total)
                 beat()
 
-            rep = segmenter.segment_file(path, job.output, job.overwrite, progress)
+            rep = segmenter.segment_file(path, job.output, job.overwrite, progress, name)
             bar.remove_task(task)
             return rep.to_dict()
 

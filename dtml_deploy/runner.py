@@ -18,8 +18,9 @@ from dtml_deploy.io.geometry import guessed_geometry_note
 from dtml_deploy.io.reports import check_report_path, write_report_text
 from dtml_deploy.limits import WorkLimits
 from dtml_deploy.qc import warning_line
+from dtml_deploy.qc_reference import no_qc_note
 from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases
-from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name, output_is_file
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_names, output_is_file
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def _case_line(rep: CaseReport, name: str, model_spacing: tuple[float, float, fl
     windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
     score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
     lines.append(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})")
+    lines.extend(f"  warning: {name}: {w}" for w in rep.warnings or ())
     flagged = warning_line(name, rep.qc)
     if flagged:
         lines.append(f"  {flagged}")
@@ -168,10 +170,11 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
     say(f"dtml: {len(job.inputs)} scan(s){ranks.running(backend.describe())}")
     from dtml_deploy.backends.torch_backend import cpu_precision_note
 
-    note = cpu_precision_note(backend.name, backend.device, backend.options.precision, req.precision is not None)
-    if note:
-        say(note)
-    names = [case_name(p) for p in job.inputs]
+    for note in (cpu_precision_note(backend.name, backend.device, backend.options.precision, req.precision is not None),
+                 no_qc_note(bundle.meta) if req.qc else None):
+        if note:
+            say(note)
+    names = case_names(job.inputs)
     dupes = {n for n in names if names.count(n) > 1}
     guessed: list[bool] = []
     t0 = time.perf_counter()
@@ -190,7 +193,7 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                 bar.update(task, completed=done, total=total)
                 beat()
 
-            rep = segmenter.segment_file(path, job.output, job.overwrite, progress)
+            rep = segmenter.segment_file(path, job.output, job.overwrite, progress, name)
             bar.remove_task(task)
             return rep.to_dict()
 

@@ -19,6 +19,7 @@ from dtml_deploy.engine.grid import window_count
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import DtmlError, InputError
+from dtml_deploy.fov import cropped_scan_warning
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
@@ -74,6 +75,7 @@ class Segmentation:
     resampled: bool
     intensity: str = "zscore"
     qc: QCResult | None = None  # with both heads and a bundle that carries a QC reference
+    warnings: list[str] = field(default_factory=list)  # about the input, for the console and the report
 
 
 @dataclass
@@ -94,6 +96,7 @@ class CaseReport:
     intensity: str | None = None
     geometry_guessed: list[str] | None = None  # what the file lacked and was assumed (h5: spacing, orientation)
     qc: dict[str, Any] | None = None  # score, threshold, flagged, parts, features (see dtml_deploy/qc.py)
+    warnings: list[str] | None = None  # about the input (a cropped raw scan: dtml_deploy/fov.py)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +115,22 @@ def case_name(path: Path) -> str:
     if not has_volume_suffix(path) and (path.is_dir() or is_dicom_file(path)):
         return series_name(path) if path.is_file() else path.name
     return strip_suffix(path.name)
+
+
+def case_names(paths: list[Path]) -> list[str]:
+    """`case_name` of each input, except that DICOM series sharing a name (every patient's 'S7_LGE' in one
+    archive, or a scan file's name) get their PatientID, or a short SeriesInstanceUID digest, appended."""
+    from dtml_deploy.io.dicom_series import distinct_series_names, is_dicom_file
+    from dtml_deploy.io.volume import has_volume_suffix
+
+    names = [case_name(p) for p in paths]
+    dicom = [not has_volume_suffix(p) and is_dicom_file(p) for p in paths]
+    shared = [i for i, n in enumerate(names) if dicom[i] and names.count(n) > 1]
+    taken = {n for n, d in zip(names, dicom) if not d}  # a scan file of the same name keeps it
+    for i, name in zip(shared, distinct_series_names([paths[i] for i in shared], [names[i] for i in shared],
+                                                     taken)):
+        names[i] = name
+    return names
 
 
 class Segmenter:
@@ -148,7 +167,7 @@ class Segmenter:
                                          replace(engine.config, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
-        qc = self._assess(x, res, seconds)
+        qc = self._assess(x, res, seconds, intensity)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
         if resampled:
             t = time.perf_counter()
@@ -163,9 +182,11 @@ class Segmenter:
             t = time.perf_counter()
             mask = largest_component(mask)
             seconds["lcc"] = time.perf_counter() - t
-        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc)
+        cropped = cropped_scan_warning(image.shape, spacing or model_spacing, intensity)
+        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc,
+                            [cropped] if cropped else [])
 
-    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float]) -> QCResult | None:
+    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float], intensity: str) -> QCResult | None:
         """The QC score on the network's grid, when both heads ran and the bundle is calibrated."""
         ref = reference_of(self.bundle.meta)
         if ref is None or res.p_seg is None or res.p_dis is None:
@@ -173,7 +194,7 @@ class Segmenter:
         t = time.perf_counter()
         cfg = self.options.engine
         qc = assess(x, res.p_seg, res.p_dis, cfg.head, ref, cfg.threshold, self.bundle.model.spacing,
-                    self.options.lcc, res.tta_spread)
+                    self.options.lcc, res.tta_spread, intensity)
         seconds["qc"] = time.perf_counter() - t
         return qc
 
@@ -198,10 +219,11 @@ class Segmenter:
                      f"window(s)", "lower --batch, or check the voxel size")
 
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
-                     progress: Any = None) -> CaseReport:
+                     progress: Any = None, name: str | None = None) -> CaseReport:
         """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
-        optional maps, and report. Any failure of the case (bad input, limits, out of memory, unwritable
-        outputs, an unexpected error) becomes a 'failed' report with one line, so a batch goes on."""
+        optional maps, and report; `name` replaces `case_name(path)` (see `case_names`). Any failure of the
+        case (bad input, limits, out of memory, unwritable outputs, an unexpected error) becomes a 'failed'
+        report with one line, so a batch goes on."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
@@ -210,8 +232,12 @@ class Segmenter:
                               max_voxels=self.options.limits.max_voxels)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self._output_paths(vol, Path(out))
+            paths = self._output_paths(vol, Path(out), name or case_name(vol.path))
             outputs = dict(paths)
+            if "dicom_seg" in paths:  # a series no SEG can reference fails before any work
+                from dtml_deploy.io.dicom_seg import check_seg_sources
+
+                check_seg_sources(vol)
             for p in outputs.values():
                 if p.exists() and not overwrite:
                     raise InputError(f"{p}: exists (use --overwrite to replace it)")
@@ -224,13 +250,14 @@ class Segmenter:
             # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
             # series or a failed drawing leaves no file behind.
             prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
-                        for path, png in self._previews(vol, seg, report, outputs).items()]
+                        for path, png in self._previews(vol, seg, report, outputs, name).items()]
             outputs.pop("preview", None)
             if "dicom_seg" in outputs:
                 from dtml_deploy.io.dicom_seg import build_seg, save_seg
 
                 ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-                prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+                prepared.insert(0, (outputs.pop("dicom_seg"),
+                                    lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
             write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
@@ -245,13 +272,14 @@ class Segmenter:
             report.resampled = seg.resampled
             report.intensity = seg.intensity
             report.qc = seg.qc.to_dict() if seg.qc is not None else None
+            report.warnings = seg.warnings or None
             report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"
             report.error = case_error(path, e)
         return report
 
-    def _output_paths(self, vol: Volume, out: Path) -> dict[str, Path]:
+    def _output_paths(self, vol: Volume, out: Path, case: str) -> dict[str, Path]:
         cfg = self.options.engine
         if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
             fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
@@ -261,7 +289,7 @@ class Segmenter:
             ext = out.name[len(name):]
             paths = {"mask": out}
         else:
-            name = case_name(vol.path)
+            name = case
             fmt = resolve_format(vol, self.options.output_format)
             out_dir, ext = out, map_suffix(fmt)
             paths = {"mask": out_dir / f"{name}{ext}"}
@@ -282,13 +310,13 @@ class Segmenter:
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,
-                  outputs: dict[str, Path]) -> dict[Path, bytes]:
+                  outputs: dict[str, Path], name: str | None = None) -> dict[Path, bytes]:
         """The preview PNG (when asked for), drawn before anything is written so it joins the case's unit."""
         if "preview" not in outputs:
             return {}
         from dtml_deploy.viz.preview import case_preview_png
 
         t = time.perf_counter()
-        png = case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head, report)
+        png = case_preview_png(vol, seg, name or case_name(vol.path), self.options.engine.head, report)
         seg.seconds["preview"] = time.perf_counter() - t
         return {outputs["preview"]: png}

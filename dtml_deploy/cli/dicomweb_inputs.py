@@ -24,12 +24,14 @@ StoreOpt = Annotated[bool, typer.Option(help="--dicomweb: store each DICOM SEG b
 
 
 @contextlib.contextmanager
-def scans_from(inputs: list[str], expand: Callable[[list[str]], list[Path]], url: str | None, study: str | None,
-               series: str | None) -> Iterator[list[Path]]:
-    """The local scans (`expand(inputs)`), or the series of `study` on `url` (or the one named) fetched into
-    folders named by their series UID, removed afterwards."""
+def scans_from(inputs: list[str], expand: Callable[..., list[Path]], noting: bool, url: str | None,
+               study: str | None, series: str | None) -> Iterator[list[Path]]:
+    """The local scans (`expand(inputs, note)`, its notes on stderr when `noting`: rank 0), or the series of
+    `study` on `url` (or the one named) fetched into folders named by their series UID, removed afterwards."""
     if url is None:
-        yield expand(inputs)
+        from dtml_deploy.cli.common import echo_err
+
+        yield expand(inputs, echo_err if noting else lambda _: None)
         return
     from dtml_deploy.serve.dicomweb import DicomWebSource, fetch_series, image_series
 

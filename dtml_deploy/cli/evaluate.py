@@ -61,6 +61,7 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     from dtml_deploy.backends.torch_backend import cpu_precision_note
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
+    from dtml_deploy.qc_reference import no_qc_note
     from dtml_deploy.ranks import Ranks
     from dtml_deploy.runner import build_segmenter
 
@@ -72,11 +73,14 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     ranks = Ranks.from_env()
     segmenter = build_segmenter(settings, bundle, ranks)
     if ranks.is_main:
+        for note in source.notes:
+            typer.echo(note, err=True)
         typer.echo(f"segmenting {len(ids)} cases{ranks.running(segmenter.backend.describe())}", err=True)
         backend = segmenter.backend
-        note = cpu_precision_note(backend.name, backend.device, backend.options.precision, True)
-        if note:
-            typer.echo(note, err=True)
+        for note in (cpu_precision_note(backend.name, backend.device, backend.options.precision, True),
+                     no_qc_note(bundle.meta)):
+            if note:
+                typer.echo(note, err=True)
     done: list[str] = []
     rows = score_model(segmenter, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))
@@ -85,6 +89,9 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     if rows is None:
         return None
     _warn_guessed(rows, segmenter.bundle.model.spacing)
+    for r in rows:
+        if r.get("warnings"):
+            typer.echo(f"warning: {r['case']}: {r['warnings']}", err=True)
     extra = {"model": str(settings.model), "bundle_hash": segmenter.bundle.content_hash,
              "backend": segmenter.backend.describe(), "cases_from": cases,
              "engine": {"protocol": proto.name, "overlap": proto.overlap, "stride": proto.stride,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,18 +41,24 @@ from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.runner import SegmentJob
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> list[Path]:
     """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
-    DICOM series (io/formats.find_scans); globs expanded."""
+    DICOM series (io/formats.find_scans); globs expanded. What a folder holds besides its scans (non-image
+    DICOM, dtml's own earlier outputs, stray entries of a challenge root) goes to `note`, one line each."""
     import glob
 
+    from dtml_deploy.io.challenge import stray_notes
     from dtml_deploy.io.formats import find_scans
 
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(find_scans(p))
+            skipped: list[str] = []
+            scans = find_scans(p, skipped)
+            for line in [*(f"note: {s}" for s in skipped), *stray_notes(p, scans)]:
+                note(line)
+            found.extend(scans)
         elif not p.exists() and any(c in item for c in "*?["):
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -115,7 +122,7 @@ def segment(
             cudnn_fusion=cudnn_fusion, **options)
         check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.output_format)
         bundle, settings = load_for_backend(settings)
-        with scans_from(inputs or [], expand_inputs, dicomweb, study, series) as scans:
+        with scans_from(inputs or [], expand_inputs, ranks.is_main, dicomweb, study, series) as scans:
             job = SegmentJob(inputs=scans, output=output, overwrite=overwrite, json_report=json_report,
                              progress=progress)
             reports = stored(run_segment(job, settings, bundle, ranks, shard), dicomweb if store else None, echo_err)

@@ -18,6 +18,7 @@ import numpy as np
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.atomic import atomic_paths
 from dtml_deploy.io.geometry import H5_GUESSES, check_affine, check_dtype, check_spacing, quiet_nibabel, raw_pixdim
+from dtml_deploy.limits import WorkLimits
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 H5_SUFFIXES = (".h5",)
@@ -87,7 +88,8 @@ def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 
     elif name.endswith(ITK_SUFFIXES):
         from dtml_deploy.io.itk_io import read_itk
 
-        vol = _checked_itk(read_itk(path), spacing, max_voxels)
+        limit = WorkLimits.max_voxels if max_voxels is None else max_voxels
+        vol = _checked_itk(read_itk(path, limit, need_spacing=spacing is None), spacing, max_voxels)
     else:
         raise InputError(f"{path}: unknown extension (expected one of {', '.join(SUFFIXES)})")
     if check_finite and not np.isfinite(vol.array).all():
@@ -103,8 +105,8 @@ def _check_size(shape: tuple[int, ...], path: Path, max_voxels: int | None) -> N
 
 
 def _checked_itk(vol: Volume, spacing: tuple[float, float, float] | None, max_voxels: int | None) -> Volume:
-    """The same geometry and size checks as NIfTI for a volume read through SimpleITK (NRRD, MHA, DICOM);
-    SimpleITK reads the voxels with the header, so the size is checked after reading."""
+    """The same geometry and size checks as NIfTI for a volume read through SimpleITK (NRRD, MHA, DICOM).
+    NRRD/MHA sizes were checked from the header before reading (io/headers.py); a DICOM series' here."""
     _check_size(vol.shape, vol.path, max_voxels)
     if spacing is None:
         check_spacing(vol.spacing, vol.path)

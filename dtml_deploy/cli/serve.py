@@ -70,9 +70,10 @@ def serve(
         settings = ServeSettings(host=host, port=port, token_file=token_file, workers=workers, queue=queue,
                                  max_upload_mb=max_upload_mb, store=store, retention_s=retention_hours * 3600,
                                  drain_s=drain_seconds)
-        from dtml_deploy.serve.settings import read_token
+        from dtml_deploy.serve.settings import check_bind, read_token
 
-        read_token(settings)  # refuse an unsafe bind or a bad token file before loading the model
+        read_token(settings)  # refuse an unsafe bind, a bad token file or a port in use before loading the model
+        check_bind(settings)
         if options.get("preview"):
             require_viz("--preview")
         model_path = bundle_path(options.pop("model"))

@@ -81,3 +81,14 @@ def read_token(settings: ServeSettings) -> str | None:
         raise ServeError(f"{settings.token_file}: the token must be one line of at least 16 characters "
                          f"without spaces")
     return token
+
+
+def check_bind(settings: ServeSettings) -> None:
+    """Refuse, before the model loads, an address this machine does not have or a port in use."""
+    try:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((settings.host, settings.port))
+    except OSError as e:
+        raise ServeError(f"cannot listen on {settings.host}:{settings.port} ({e.strerror or e})") from None

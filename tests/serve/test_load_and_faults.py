@@ -183,7 +183,7 @@ def test_the_token_guards_every_route_but_healthz(service_client, scan, tmp_path
     assert client.get("/metrics", headers=good).status_code == 200
 
 
-def test_serve_refuses_an_open_bind_without_token_and_a_weak_token(tmp_path, monkeypatch):
+def test_serve_refuses_an_open_bind_without_token_a_weak_token_and_a_taken_port(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--store", str(tmp_path / "s")])
     assert r.exit_code == 2 and r.output.strip().splitlines() == [
         "error: --host 0.0.0.0 is reachable from other machines; pass --token-file F (a bearer token every "
@@ -192,6 +192,15 @@ def test_serve_refuses_an_open_bind_without_token_and_a_weak_token(tmp_path, mon
     weak.write_text("short\n")
     r = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--token-file", str(weak)])
     assert r.exit_code == 2 and "the token must be one line of at least 16 characters" in r.output
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--port", str(port), "--store", str(tmp_path / "s")])
+    assert r.exit_code == 2 and r.output.strip() == (f"error: cannot listen on 127.0.0.1:{port} "
+                                                     "(Address already in use)"), r.output
     import importlib.util
 
     real = importlib.util.find_spec

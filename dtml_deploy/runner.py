@@ -18,7 +18,7 @@ from dtml_deploy.io.outputs import RunPlan, plan_run
 from dtml_deploy.io.reports import SEGMENT_JSON, check_report_path, check_report_target, write_report_text
 from dtml_deploy.limits import WorkLimits
 from dtml_deploy.qc import warning_line
-from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases
+from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases, sigterm_stops
 from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_name
 
 
@@ -203,8 +203,9 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
             for line in _case_line(rep, names[i], bundle.model.spacing):
                 say(line)
 
-        outcome = run_cases([str(p) for p in job.inputs], lambda i: voxel_estimate(job.inputs[i]), work, on_result,
-                            ranks, shard, "segment")
+        with sigterm_stops():  # a stopped run removes its temporaries; no half-written case stays behind
+            outcome = run_cases([str(p) for p in job.inputs], lambda i: voxel_estimate(job.inputs[i]), work,
+                                on_result, ranks, shard, "segment")
     if outcome is None:
         return None
     reports = [CaseReport(**r) if r is not None else

@@ -88,15 +88,15 @@ def check_report_target(path: Path, kind: ReportKind, taken: Mapping[str, str] |
     `path_key`s to what the run reads or writes there; `overwrite` is None for a command without --overwrite."""
     path, what = Path(path), what or kind.what
     check_report_path(path, what)
+    other = (taken or {}).get(path_key(path))
+    if other is not None:
+        raise InputError(f"{path}: {what} would overwrite {other}; choose another name")
     name = path.name.lower()
     if kind.picture and not name.endswith(PNG):
         raise InputError(f"{path}: {what} is written as PNG; give a name ending in .png (or a folder)")
     wrong = next((s for s in (*IMAGE_SUFFIXES, PNG) if name.endswith(s) and not kind.picture), None)
     if wrong:
         raise InputError(f"{path}: {what} would be named like an image ({wrong}); choose another name")
-    other = (taken or {}).get(path_key(path))
-    if other is not None:
-        raise InputError(f"{path}: {what} would overwrite {other}; choose another name")
     if path.is_file() and path.stat().st_size > 0 and not overwrite and not kind.recognise(path):
         hint = " or pass --overwrite" if overwrite is False else ""
         raise InputError(f"{path}: exists and is not {what} of an earlier run; not replaced (choose another "

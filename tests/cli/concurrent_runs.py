@@ -9,12 +9,14 @@ test module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dtml_deploy.io import atomic
+from dtml_deploy.io import volume
 from dtml_deploy.segment import Segmenter
 
 _where, _folder = os.environ["DTML_TEST_MEET"].split(":", 1)
@@ -37,14 +39,16 @@ if _where == "infer":
 
     Segmenter.segment_array = _meeting  # type: ignore[method-assign]
 elif _where == "commit":
-    _commit = atomic._commit
+    _atomic_paths = volume.atomic_paths
 
-    def _stalled(*args: Any, **kwargs: Any) -> None:
-        _arrive_and_wait(1)
-        time.sleep(120)
-        _commit(*args, **kwargs)
+    @contextlib.contextmanager
+    def _stalled(*args: Any, **kwargs: Any) -> Iterator[list[Path]]:
+        with _atomic_paths(*args, **kwargs) as tmps:
+            yield tmps
+            _arrive_and_wait(1)
+            time.sleep(120)
 
-    atomic._commit = _stalled  # type: ignore[assignment]
+    volume.atomic_paths = _stalled  # type: ignore[assignment]
 
 if __name__ == "__main__":
     from dtml_deploy.cli import app

@@ -230,9 +230,15 @@ class Segmenter:
 
                 ds = build_seg(vol, seg.mask, self.bundle.content_hash)
                 prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+            removed: list[Path] = []
+
+            def leftovers() -> list[Path]:  # asked again under the folder lock: what is there at that moment
+                removed[:] = stale_outputs(paths, protected) if overwrite else []
+                return removed
+
             write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared,
-                           exclusive=not overwrite, remove=stale)
-            report.removed = [str(p) for p in stale] or None
+                           exclusive=not overwrite, remove=leftovers)
+            report.removed = [str(p) for p in removed] or None
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
             report.status = "ok"

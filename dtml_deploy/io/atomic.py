@@ -16,10 +16,17 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from dtml_deploy.errors import InputError
+
+Removals = Sequence[Path] | Callable[[], Sequence[Path]]
+
+
+def path_key(path: Path | str) -> str:
+    """One spelling per file: absolute, symlinks resolved (what two names must share to be the same file)."""
+    return os.path.realpath(path)
 
 
 def _umask() -> int:
@@ -55,11 +62,14 @@ def _aside(path: Path, moved: list[tuple[Path, Path]]) -> None:
     moved.append((Path(backup), path))
 
 
-def _commit(tmps: Sequence[Path], paths: Sequence[Path], remove: Sequence[Path], exclusive: bool) -> None:
+def _commit(tmps: Sequence[Path], paths: Sequence[Path], remove: Removals, exclusive: bool) -> None:
     """Put `tmps` in place as `paths` and drop `remove`, all or nothing (see the module docstring)."""
     moved: list[tuple[Path, Path]] = []
     placed: list[Path] = []
-    with folder_locks([p.parent for p in [*paths, *remove]]):
+    with folder_locks([p.parent for p in paths]):
+        remove = [Path(p) for p in (remove() if callable(remove) else remove)]
+        if any(path_key(p.parent) not in {path_key(q.parent) for q in paths} for p in remove):
+            raise ValueError("atomic_paths removes files only from the folders it writes into")
         if exclusive:
             for path in paths:
                 if path.exists():
@@ -87,12 +97,12 @@ def _commit(tmps: Sequence[Path], paths: Sequence[Path], remove: Sequence[Path],
 
 
 @contextlib.contextmanager
-def atomic_paths(paths: Sequence[Path], exclusive: bool = False,
-                 remove: Sequence[Path] = ()) -> Iterator[list[Path]]:
+def atomic_paths(paths: Sequence[Path], exclusive: bool = False, remove: Removals = ()) -> Iterator[list[Path]]:
     """Yield temporary file paths beside `paths`; if the block succeeds, put each in place as its path.
 
     All files appear under their final names or none does, and the files they replace (and `remove`)
-    go only once all are in place. `exclusive` refuses (InputError) a target that exists at that moment.
+    go only once all are in place. `exclusive` refuses (InputError) a target that exists at that moment;
+    `remove` may be a function, then asked under the folder lock (what an older run left at that moment).
     Temporary names keep the final suffixes (nibabel picks the format from them).
     """
     paths = [Path(p) for p in paths]
@@ -105,7 +115,7 @@ def atomic_paths(paths: Sequence[Path], exclusive: bool = False,
             os.close(fd)
             tmps.append(Path(tmp))
         yield list(tmps)
-        _commit(tmps, paths, [Path(p) for p in remove], exclusive)
+        _commit(tmps, paths, remove, exclusive)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

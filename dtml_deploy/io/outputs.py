@@ -63,6 +63,27 @@ def path_family(path: Path) -> str:
     return "nifti" if has_volume_suffix(path) else "dicom"
 
 
+def input_companions(src: Path) -> list[Path]:
+    """The files besides `src` that reading it uses: the DICOM files of a slice's folder, the data file
+    a `.nhdr`/`.mhd` header names (none for a file that cannot be read: that case fails by itself)."""
+    name = src.name.lower()
+    if path_family(src) == "dicom":  # its slices, not the masks or SEGs a run may have left beside them
+        from dtml_deploy.io.dicom_series import is_dicom_file
+
+        folder = src if src.is_dir() else src.parent
+        return [f for f in folder.iterdir() if not has_volume_suffix(f) and is_dicom_file(f)
+                and not _is_own(f, "dicom_seg")] if folder.is_dir() else []
+    if not name.endswith((".nhdr", ".mhd")) or not src.is_file():
+        return []
+    found = []
+    with open(src, "rb") as f:
+        for raw in f.read(1 << 16).decode("latin-1").splitlines():
+            key, sep, value = raw.partition("=" if name.endswith(".mhd") else ":")
+            if sep and key.strip().lower() in ("elementdatafile", "data file", "datafile") and value.strip():
+                found.append(src.parent / value.strip())
+    return found
+
+
 def case_outputs(src: Path, name: str, family: str, out: Path, spec: OutputSpec) -> dict[str, Path]:
     """The output set of the case `name` read from `src` (of `family`): role -> path."""
     if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
@@ -108,6 +129,9 @@ def plan_run(inputs: Sequence[Path], names: Sequence[str], out: Path, spec: Outp
     plan = RunPlan()
     for src in inputs:
         plan.claim(src, f"the input {src}")
+    for src in inputs:  # files read with it (a DICOM slice's series folder, a detached header's data)
+        for companion in input_companions(Path(src)):
+            plan.taken.setdefault(path_key(companion), f"a file of the input {src}")
     seen: dict[tuple[str, str], Path] = {}
     for src, name in zip(inputs, names, strict=True):
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtml_deploy.errors import InputError
-from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.io.atomic import atomic_write_text, path_key
 
 # Names a report or picture never takes: what dtml reads or writes as an image.
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".h5", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -25,11 +25,6 @@ PNG = ".png"
 PNG_SOFTWARE = b"Software\x00dtml"  # the tEXt chunk figure_png writes into every picture dtml draws
 _SNIFF_BYTES = 4096
 _MAX_JSON_BYTES = 256 * 2**20  # a larger "report" is not one dtml wrote; do not parse it
-
-
-def path_key(path: Path | str) -> str:
-    """One spelling per file: absolute, symlinks resolved (what two names must share to be the same file)."""
-    return os.path.realpath(path)
 
 
 def _head(path: Path) -> bytes:

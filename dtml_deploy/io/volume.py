@@ -174,7 +174,7 @@ def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint
 
 def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]],
                    prepared: Sequence[tuple[Path, Callable[[Path], None]]] = (), exclusive: bool = False,
-                   remove: Sequence[Path] = ()) -> None:
+                   remove: Sequence[Path] | Callable[[], Sequence[Path]] = ()) -> None:
     """`write_like` for several arrays as one unit: every file appears, or none does (`exclusive` and
     `remove` as for io/atomic.atomic_paths).
 

@@ -277,3 +277,16 @@ def test_a_run_stopped_while_writing_leaves_nothing_behind(scan: Path, bundle_di
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
         "error: stopped by SIGTERM (finished cases are written)"], err
     assert os.listdir(out) == []
+
+
+def test_overwrite_never_lets_a_report_replace_an_input_s_data_file(scan: Path, bundle_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """A MetaImage header's data file is read with it: --json on it is refused even with --overwrite."""
+    sitk = pytest.importorskip("SimpleITK")
+    mhd = tmp_path / "in" / "META.mhd"
+    sitk.WriteImage(sitk.ReadImage(str(scan)), str(mhd))
+    raw = tmp_path / "in" / "META.raw"
+    before = _snapshot(tmp_path / "in")
+    r = _cli("segment", mhd, "-o", tmp_path / "out", "--model", bundle_dir, *CPU, "--overwrite", "--json", raw)
+    _one_error(r, 2, raw, mhd)
+    assert _snapshot(tmp_path / "in") == before and not (tmp_path / "out").exists()

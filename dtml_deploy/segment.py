@@ -21,7 +21,7 @@ from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import DtmlError, InputError
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import input_family
-from dtml_deploy.io.outputs import MAPS, OutputSpec, case_outputs, output_is_file, stale_outputs
+from dtml_deploy.io.outputs import MAPS, Leftovers, OutputSpec, case_outputs, check_free, output_is_file
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.limits import WorkLimits, case_bytes, check_memory, check_voxels, check_windows, seconds_per_window
 from dtml_deploy.qc import QCResult, assess, reference_of
@@ -210,10 +210,8 @@ class Segmenter:
             report.geometry_guessed = list(vol.guessed) or None
             paths = self._output_paths(vol, Path(out))
             outputs = dict(paths)
-            stale = stale_outputs(paths, protected)
-            for p in [*outputs.values(), *stale]:
-                if p.exists() and not overwrite:
-                    raise InputError(f"{p}: exists (use --overwrite to replace it)")
+            if not overwrite:
+                check_free(paths, protected)
             seg = self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing,
                                      str(path), progress)
             t = time.perf_counter()
@@ -230,15 +228,10 @@ class Segmenter:
 
                 ds = build_seg(vol, seg.mask, self.bundle.content_hash)
                 prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
-            removed: list[Path] = []
-
-            def leftovers() -> list[Path]:  # asked again under the folder lock: what is there at that moment
-                removed[:] = stale_outputs(paths, protected) if overwrite else []
-                return removed
-
+            leftovers = Leftovers(paths, protected)
             write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared,
-                           exclusive=not overwrite, remove=leftovers)
-            report.removed = [str(p) for p in removed] or None
+                           exclusive=not overwrite, remove=leftovers if overwrite else ())
+            report.removed = [str(p) for p in leftovers.found] or None
             seg.seconds["read"] = read_s
             seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
             report.status = "ok"

@@ -185,3 +185,24 @@ def stale_outputs(paths: dict[str, Path], protected: set[str] | frozenset[str] =
     candidates += [(folder / f"{name}_preview.png", "preview"), (folder / f"{name}_seg.dcm", "dicom_seg")]
     keep = set(protected) | {path_key(p) for p in paths.values()}
     return [p for p, role in candidates if p.is_file() and path_key(p) not in keep and _is_own(p, role)]
+
+
+def check_free(paths: dict[str, Path], protected: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse (without --overwrite) a case whose output set, or an older run's part of it, exists."""
+    for p in [*paths.values(), *stale_outputs(paths, protected)]:
+        if p.exists():
+            raise InputError(f"{p}: exists (use --overwrite to replace it)")
+
+
+@dataclass
+class Leftovers:
+    """`stale_outputs` as atomic_paths' `remove`: asked under the folder lock, at the moment the set goes in
+    place (another run may have written since inference began); remembers what it found."""
+
+    paths: dict[str, Path]
+    protected: set[str] | frozenset[str] = frozenset()
+    found: list[Path] = field(default_factory=list)
+
+    def __call__(self) -> list[Path]:
+        self.found = stale_outputs(self.paths, self.protected)
+        return self.found

@@ -91,6 +91,19 @@ def test_a_report_never_replaces_an_input_or_a_foreign_file(kind: str, scan: Pat
     assert _snapshot(tmp_path) == before  # nothing replaced, nothing written
 
 
+@pytest.mark.parametrize("option,target", [("--json", "log"), ("--plot", "log"), ("--plot", "jpg"),
+                                           ("--json", "scan")])
+def test_benchmark_reports_never_replace_a_foreign_file(option: str, target: str, scan: Path, bundle_dir: Path,
+                                                        tmp_path: Path) -> None:
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"iteration": 1, "loss": 0.5}\n')
+    path = {"log": log, "jpg": tmp_path / "chart.jpg", "scan": scan}[target]
+    before = _snapshot(tmp_path)
+    r = _cli("benchmark", "--model", bundle_dir, "--data", scan, "--device", "cpu", option, path)
+    _one_error(r, 2, path)
+    assert _snapshot(tmp_path) == before
+
+
 def test_one_path_for_two_reports_names_both_options(sample_root: Path, tmp_path: Path) -> None:
     pred, label = _pair(sample_root, tmp_path)
     r = _cli("evaluate", pred.parent, label.parent, "--json", tmp_path / "r", "--csv", tmp_path / "r")

@@ -157,8 +157,8 @@ def _is_own(path: Path, role: str) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    if role == "preview":
-        return head.startswith(b"\x89PNG") and PNG_SOFTWARE in head
+    if role == "preview":  # previews drawn before PNGs carried dtml's mark say only Matplotlib
+        return head.startswith(b"\x89PNG") and (PNG_SOFTWARE in head or b"Software\x00Matplotlib" in head)
     if role == "dicom_seg":
         return head[128:132] == b"DICM" and _SEG_SOP_CLASS in head
     name = path.name.lower()

@@ -12,15 +12,15 @@ from dtml_deploy.backends.base import BackendOptions, create_backend, resolve_de
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import GridSpec
 from dtml_deploy.engine.sliding import EngineConfig
-from dtml_deploy.errors import InputError
 from dtml_deploy.io.extent import voxel_estimate
 from dtml_deploy.io.geometry import guessed_geometry_note
-from dtml_deploy.io.reports import check_report_path, write_report_text
+from dtml_deploy.io.outputs import RunPlan, plan_run
+from dtml_deploy.io.reports import SEGMENT_JSON, check_report_path, check_report_target, write_report_text
 from dtml_deploy.limits import WorkLimits
 from dtml_deploy.qc import warning_line
 from dtml_deploy.qc_reference import no_qc_note
-from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases
-from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_names, output_is_file
+from dtml_deploy.ranks import Beat, Ranks, ShardSettings, rank_device, run_cases, sigterm_stops
+from dtml_deploy.segment import CaseReport, Segmenter, SegmentOptions, case_names
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,14 @@ def build_segmenter(req: InferenceSettings, bundle: Bundle | None = None, ranks:
                                                      preview=req.preview))
 
 
-def check_outputs(job: SegmentJob) -> None:
-    """Refuse, before any work, an `-o` file with several inputs and a report path that cannot be a file."""
-    if output_is_file(job.output) and len(job.inputs) > 1:
-        raise InputError(f"{job.output}: -o names one image file, but {len(job.inputs)} inputs were given; "
-                         f"pass a folder")
+def check_outputs(job: SegmentJob, segmenter: Segmenter, names: list[str]) -> RunPlan:
+    """Refuse, before any inference, outputs that would collide (io/outputs.py) and a report path that is an
+    input, a planned output or a file other than an earlier segment report (io/reports.py); `names` are the
+    cases' names (segment.case_names)."""
+    plan = plan_run(job.inputs, names, job.output, segmenter.output_spec())
     if job.json_report is not None:
-        check_report_path(job.json_report, "the JSON report")
+        check_report_target(job.json_report, SEGMENT_JSON, plan.taken, job.overwrite)
+    return plan
 
 
 def _case_line(rep: CaseReport, name: str, model_spacing: tuple[float, float, float]) -> list[str]:
@@ -144,6 +145,9 @@ def _case_line(rep: CaseReport, name: str, model_spacing: tuple[float, float, fl
     score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
     lines.append(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})")
     lines.extend(f"  warning: {name}: {w}" for w in rep.warnings or ())
+    if rep.removed:
+        lines.append(f"  note: {name}: removed {', '.join(rep.removed)}: left by an earlier run, not written by "
+                     "this one (--overwrite replaces a case's whole output set)")
     flagged = warning_line(name, rep.qc)
     if flagged:
         lines.append(f"  {flagged}")
@@ -164,8 +168,11 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
         if ranks.is_main:
             err.print(line, highlight=False, markup=False)
 
-    check_outputs(job)
+    if job.json_report is not None:  # the path alone, before the model loads; the rest once it has
+        check_report_path(job.json_report, "the JSON report")
     segmenter = build_segmenter(req, bundle, ranks)
+    names = case_names(job.inputs)
+    protected = frozenset(check_outputs(job, segmenter, names).taken)
     bundle, backend = segmenter.bundle, segmenter.backend
     say(f"dtml: {len(job.inputs)} scan(s){ranks.running(backend.describe())}")
     from dtml_deploy.backends.torch_backend import cpu_precision_note
@@ -174,8 +181,6 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
                  no_qc_note(bundle.meta) if req.qc else None):
         if note:
             say(note)
-    names = case_names(job.inputs)
-    dupes = {n for n in names if names.count(n) > 1}
     guessed: list[bool] = []
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
@@ -184,16 +189,13 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
 
         def work(i: int, beat: Beat) -> dict:
             path, name = job.inputs[i], names[i]
-            if name in dupes:
-                return CaseReport(input=str(path), status="failed",
-                                  error=f"{path}: another input has the same case name '{name}'").to_dict()
             task = bar.add_task(name, total=None)
 
             def progress(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
                 beat()
 
-            rep = segmenter.segment_file(path, job.output, job.overwrite, progress, name)
+            rep = segmenter.segment_file(path, job.output, job.overwrite, progress, protected, name)
             bar.remove_task(task)
             return rep.to_dict()
 
@@ -205,8 +207,9 @@ def run_segment(job: SegmentJob, req: InferenceSettings, bundle: Bundle | None =
             for line in _case_line(rep, names[i], bundle.model.spacing):
                 say(line)
 
-        outcome = run_cases([str(p) for p in job.inputs], lambda i: voxel_estimate(job.inputs[i]), work, on_result,
-                            ranks, shard, "segment")
+        with sigterm_stops():  # a stopped run removes its temporaries; no half-written case stays behind
+            outcome = run_cases([str(p) for p in job.inputs], lambda i: voxel_estimate(job.inputs[i]), work,
+                                on_result, ranks, shard, "segment")
     if outcome is None:
         return None
     reports = [CaseReport(**r) if r is not None else

@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--export", type=Path, required=True, help="folder with model-fp32.xml and model-int8.xml")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--made-by", default="", help="how the IRs were made (recorded in the JSON)")
     args = ap.parse_args()
     root = find_data()
     if root is None:
@@ -96,7 +97,7 @@ def main() -> None:
             masks[(grid_name, name)] = np.asarray(fn())
             runs[f"{grid_name}|{name}"].append(time.perf_counter() - t)
             print(f"round {r + 1} {grid_name} {name}: {runs[f'{grid_name}|{name}'][-1]:.2f} s", flush=True)
-        write(args.json, report(volume, cid, runs, masks, args.export))
+        write(args.json, {**report(volume, cid, runs, masks, args.export), "irs": args.made_by})
 
 
 def report(volume: np.ndarray, cid: str, runs: dict[str, list[float]], masks: dict, export: Path) -> dict[str, Any]:

@@ -69,7 +69,7 @@ FORMATS: dict[str, ArtifactFormat] = {
                            ("fp32", "fp16"), needs_gpu=False, extra="onnx"),
     "trt": ArtifactFormat("trt", ".engine", "trt", ("tensorrt", "onnx"), ("tensorrt", "torch"),
                           ("fp32", "fp16"), needs_gpu=True, extra="trt"),
-    "openvino": ArtifactFormat("openvino", ".xml", "openvino", ("torch", "onnx", "openvino", "nncf"),
+    "openvino": ArtifactFormat("openvino", ".xml", "openvino", ("torch", "onnx", "onnxruntime", "openvino", "nncf"),
                                ("openvino",), ("fp32", "int8"), needs_gpu=False, extra="openvino"),
 }
 # What makes each format (quoted by error messages).

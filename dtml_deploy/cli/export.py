@@ -19,6 +19,17 @@ def _default(name: str) -> Any:
     return default_of(ExportRequest, name)
 
 
+def _calibration_scans(items: list[str], expand: Any) -> tuple[Path, ...]:
+    """--calibration values expanded as `segment` expands its inputs; one that finds nothing is refused."""
+    scans: list[Path] = []
+    for item in items:
+        found = expand([item])
+        if not found:
+            raise ValueError(f"--calibration {item}: matches no scan")
+        scans.extend(found)
+    return tuple(scans)
+
+
 def export_cmd(
     model: ModelOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the artifacts")] = Path("dtml-export"),
@@ -72,7 +83,7 @@ def export_cmd(
                             dynamic_spatial=dynamic_spatial, verify=verify, real_case=real_case, trt=trt,
                             trt_fp16=trt_precision.value == "fp16", min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                            openvino=openvino, int8=int8, calibration=tuple(expand_inputs(calibration or [])),
+                            openvino=openvino, int8=int8, calibration=_calibration_scans(calibration or [], expand_inputs),
                             calibration_cases=calibration_cases, calibration_windows=calibration_windows,
                             min_int8_agreement=min_int8_agreement)
         run_export(req, typer.echo)

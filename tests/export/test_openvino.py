@@ -24,8 +24,8 @@ from tests.conftest import SAMPLE, centred_bundle_dir, crop_real_case, make_bund
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 pytest.importorskip("onnx", reason="the onnx extra is not installed")
 
-from export.onnx_export import export_onnx  # noqa: E402
-from export.openvino_export import (  # noqa: E402
+from export.onnx_export import export_onnx
+from export.openvino_export import (
     Int8Disagrees,
     check_int8,
     convert_onnx,

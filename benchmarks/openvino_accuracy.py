@@ -8,9 +8,12 @@
    fp32, and both QC scores.
 
 Rows are appended to the JSON after every case (a restarted run skips the cases already there), so a
-slow shared CPU can run it in the background and a partial file is usable:
+slow shared CPU can run it in the background and a partial file is usable. Further processes can score
+the cases from the other end into their own files once the IRs exist; `--merge` joins the files:
 
     nice -n 5 python benchmarks/openvino_accuracy.py --export /tmp/ov-export
+    nice -n 5 python benchmarks/openvino_accuracy.py --export /tmp/ov-export --reverse --json /tmp/b.json
+    python benchmarks/openvino_accuracy.py --export /tmp/ov-export --merge /tmp/b.json
 """
 
 from __future__ import annotations
@@ -90,13 +93,32 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def merge(target: Path, parts: list[Path]) -> None:
+    """Add the rows of `parts` (by case, first one kept) to `target` and recompute its summary."""
+    report = json.loads(target.read_text())
+    rows = {r["case"]: r for r in report["cases"]}
+    for part in parts:
+        for r in json.loads(part.read_text())["cases"]:
+            rows.setdefault(r["case"], r)
+    root = find_data()
+    order = json.loads((root / "splits.json").read_text())["unlabeled_16"] if root else sorted(rows)
+    report["cases"] = [rows[c] for c in order if c in rows]
+    report["summary"] = summary(report["cases"])
+    atomic_write_text(target, json.dumps(report, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, required=True, help="folder for (or holding) model-fp32/int8.xml")
     ap.add_argument("--calibration-cases", type=int, default=16)
     ap.add_argument("--limit", type=int, default=None, help="score only the first N unlabeled cases")
     ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--reverse", action="store_true", help="score the cases from the last one backwards")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="add these files' rows to --json and stop")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.json, args.merge)
+        return
     root = find_data()
     if root is None:
         sys.exit("error: LA2018 not found (set DTML_DATA)")
@@ -112,7 +134,8 @@ def main() -> None:
     report["settings"] = {p: s.backend.describe() for p, s in segmenters.items()}
     rows = report.setdefault("cases", [])
     done = {r["case"] for r in rows}
-    for cid in splits["unlabeled_16"][: args.limit]:
+    ids = splits["unlabeled_16"][: args.limit]
+    for cid in reversed(ids) if args.reverse else ids:
         if cid in done:
             continue
         rows.append(score_case(segmenters, root, cid))

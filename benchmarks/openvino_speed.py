@@ -1,7 +1,8 @@
 """Whole-scan CPU speed of OpenVINO int8 beside torch fp32/bf16, OpenVINO fp32 and the paper's loop.
 
-One real LA2018 scan, the shipped model, both networks per window (as `dtml segment`'s dtml protocol), on
-two grids: the paper's (stride 18, 18, 4, constant blending) and dtml's default (overlap 0.5, Gaussian).
+One real LA2018 scan (by default the smallest of the 64 unlabeled ones, 27 windows on the paper's grid,
+so that every row fits a shared 2-core machine; --case picks another), the shipped model, both networks
+per window (as `dtml segment`'s dtml protocol), on two grids: the paper's (stride 18, 18, 4, constant blending) and dtml's default (overlap 0.5, Gaussian).
 Every row runs once per round and the rounds are interleaved (row 1, row 2, ..., row 1, row 2, ...), so a
 load change on the shared machine hits every row alike; each row's time is its median over the rounds.
 The paper's loop (benchmarks/reference.py) runs in a fresh process each time, with glibc's malloc
@@ -56,14 +57,23 @@ def paper_loop(volume: np.ndarray) -> float:
         return pool.apply(_paper_loop_seconds, (volume,))
 
 
-def rows_for(export: Path) -> list[tuple[str, dict[str, Any] | None]]:
-    """(row name, engine options or None for a row that cannot run here, with the reason in its name)."""
+def rows_for(export: Path, grid: str) -> list[tuple[str, dict[str, Any] | None]]:
+    """(row name, engine options or None for a row that cannot run here, with the reason in its name).
+    OpenVINO fp32 runs on the default grid only: it is there to rank it against torch fp32 (the CPU ranking
+    of dtml_deploy/backend_choice.py), which one grid shows, and the paper's grid is the costly one."""
     bf16: tuple[str, dict[str, Any] | None] = ("torch bf16", dict(precision="bf16"))
     if not cpu_has_native_bf16():
         bf16 = ("torch bf16 (not timed: this CPU has no AVX512-BF16/AMX, bf16 is emulated)", None)
-    return [("torch fp32", dict(precision="fp32")), bf16,
-            ("openvino fp32", dict(backend="openvino", precision="fp32", artifact=export / "model-fp32.xml")),
+    ov32 = [("openvino fp32", dict(backend="openvino", precision="fp32", artifact=export / "model-fp32.xml"))]
+    return [("torch fp32", dict(precision="fp32")), bf16, *(ov32 if grid == "default" else []),
             ("openvino int8", dict(backend="openvino", precision="fp32", artifact=export / "model-int8.xml"))]
+
+
+def smallest_case(root: Path) -> str:
+    import nibabel as nib
+
+    ids = json.loads((root / "splits.json").read_text())["unlabeled_16"]
+    return min(ids, key=lambda c: np.prod(nib.load(str(root / "images" / f"{c}.nii.gz")).shape))
 
 
 def main() -> None:
@@ -71,6 +81,7 @@ def main() -> None:
     ap.add_argument("--export", type=Path, required=True, help="folder with model-fp32.xml and model-int8.xml")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--case", default=None, help="LA2018 case id (default: the smallest unlabeled scan)")
     ap.add_argument("--made-by", default="", help="how the IRs were made (recorded in the JSON)")
     args = ap.parse_args()
     root = find_data()
@@ -78,13 +89,13 @@ def main() -> None:
         sys.exit("error: LA2018 not found (set DTML_DATA)")
     import nibabel as nib
 
-    cid = json.loads((root / "splits.json").read_text())["unlabeled_16"][0]
+    cid = args.case or smallest_case(root)
     volume = np.asarray(nib.load(str(root / "images" / f"{cid}.nii.gz")).get_fdata(dtype=np.float32))
     bundle = Bundle.load(MODEL)
     runs: dict[str, list[float]] = {"paper loop": []}
     fns, masks = {}, {}
     for grid_name, (grid, blend) in GRIDS.items():
-        for name, opts in rows_for(args.export):
+        for name, opts in rows_for(args.export, grid_name):
             if opts is not None:
                 out: dict = {}
                 fns[(grid_name, name)] = engine_fn(bundle, volume, grid, blend, out, keep_prob=False,
@@ -108,7 +119,7 @@ def report(volume: np.ndarray, cid: str, runs: dict[str, list[float]], masks: di
     for grid_name, (grid, _) in GRIDS.items():
         torch32 = statistics.median(runs[f"{grid_name}|torch fp32"])
         bf16 = runs.get(f"{grid_name}|torch bf16")
-        for name, opts in rows_for(export):
+        for name, opts in rows_for(export, grid_name):
             row: dict[str, Any] = {"grid": grid_name, "method": f"dtml engine {name}, batch {BATCH}",
                                    "windows": window_count(volume.shape, PATCH, grid)}
             if opts is not None:

@@ -2,7 +2,8 @@
 
 One real LA2018 scan (by default the smallest of the 64 unlabeled ones, 27 windows on the paper's grid,
 so that every row fits a shared 2-core machine; --case picks another), the shipped model, both networks
-per window (as `dtml segment`'s dtml protocol), on two grids: the paper's (stride 18, 18, 4, constant blending) and dtml's default (overlap 0.5, Gaussian).
+per window (as `dtml segment`'s dtml protocol), on two grids: the paper's (stride 18, 18, 4, constant
+blending) and dtml's default (overlap 0.5, Gaussian).
 Every row runs once per round and the rounds are interleaved (row 1, row 2, ..., row 1, row 2, ...), so a
 load change on the shared machine hits every row alike; each row's time is its median over the rounds.
 The paper's loop (benchmarks/reference.py) runs in a fresh process each time, with glibc's malloc

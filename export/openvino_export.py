@@ -141,5 +141,6 @@ def check_int8(bundle_dir: Path, bundle: Bundle, fp32: Path, int8: Path, scans: 
     worst = min(results, key=lambda r: r.dice)
     if worst.dice < min_agreement:
         raise Int8Disagrees(f"int8 masks disagree with fp32 on {worst.case}: Dice {worst.dice:.4f} < "
-                            f"{min_agreement} (--min-int8-agreement); the int8 model was not written")
+                            f"{min_agreement} (--min-int8-agreement); nothing was written (calibrate on more "
+                            f"scans, or export fp32 only with --openvino)")
     return results

@@ -74,6 +74,16 @@ def test_export_writes_both_irs_after_checking_int8_on_each_calibration_scan(mad
 
 
 @pytest.mark.slow
+def test_int8_below_the_stated_agreement_is_refused_naming_the_case(made, tmp_path):
+    r = _run("export", "--model", made["bundle"], "-o", tmp_path / "e", "--int8", "--calibration", made["crops"],
+             "--calibration-windows", "1", "--no-verify", "--min-int8-agreement", "1.0")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    named = r.stderr.split("int8 masks disagree with fp32 on ")[1].split(":")[0]
+    assert named in sample_ids(SAMPLE) and "< 1.0 (--min-int8-agreement); nothing was written" in r.stderr
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
 def test_segment_with_both_irs_agrees_with_torch(made, tmp_path):
     scan = sorted(made["crops"].iterdir())[0]
     common = ["--model", made["bundle"], *COMMON]

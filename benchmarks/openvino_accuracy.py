@@ -77,17 +77,29 @@ def score_case(segmenters: dict[str, Any], root: Path, cid: str) -> dict[str, An
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def finite(v: Any) -> bool:
+        return v is not None and not math.isnan(v)
+
+    # 95HD exists only where a mask is non-empty: both IRs are averaged over the cases where both have one.
+    both = [r for r in rows if finite(r["fp32_hd95_mm"]) and finite(r["int8_hd95_mm"])]
+
     def mean(key: str) -> float:
-        vals = [r[key] for r in rows if r.get(key) is not None and not math.isnan(r[key])]
+        vals = [r[key] for r in (both if "hd95" in key else rows) if finite(r.get(key))]
         return statistics.fmean(vals) if vals else math.nan
 
     worst = min(rows, key=lambda r: r["mask_dice_int8_vs_fp32"])
+    # The cases a user would take without review: fp32's QC score does not flag them (no label involved).
+    passed = [r for r in rows if r["fp32_flagged"] is False] or rows
+    worst_passed = min(passed, key=lambda r: r["mask_dice_int8_vs_fp32"])
     qc = [abs(r["int8_qc"] - r["fp32_qc"]) for r in rows if r["int8_qc"] is not None and r["fp32_qc"] is not None]
     return {
-        "cases": len(rows),
+        "cases": len(rows), "hd95_cases": len(both),
         **{f"{p}_{m}": mean(f"{p}_{m}") for p in ("fp32", "int8") for m in ("dice", "hd95_mm", "seconds")},
         "mask_dice_int8_vs_fp32_mean": mean("mask_dice_int8_vs_fp32"),
         "mask_dice_int8_vs_fp32_min": worst["mask_dice_int8_vs_fp32"], "worst_case": worst["case"],
+        "worst_case_fp32_dice": worst["fp32_dice"], "qc_passed_cases": len(passed),
+        "mask_dice_int8_vs_fp32_min_qc_passed": worst_passed["mask_dice_int8_vs_fp32"],
+        "worst_qc_passed_case": worst_passed["case"],
         "qc_abs_diff_mean": statistics.fmean(qc) if qc else None, "qc_abs_diff_max": max(qc) if qc else None,
         "qc_flag_disagreements": sum(r["int8_flagged"] != r["fp32_flagged"] for r in rows),
     }

@@ -171,12 +171,16 @@ def scaling_table(doc: dict) -> str:
 def openvino_accuracy_table(doc: dict) -> str:
     s = doc["summary"]
     lines = [f"{s['cases']} unlabeled LA2018 cases, dtml protocol ({doc['machine']})", "",
-             "| IR | Dice % vs label | 95HD mm | seconds per case |", "|---|---|---|---|"]
+             f"| IR | Dice % vs label | 95HD mm ({s['hd95_cases']} cases where both masks exist) | seconds per case |",
+             "|---|---|---|---|"]
     for p in ("fp32", "int8"):
         lines.append(f"| OpenVINO {p} | {100 * s[f'{p}_dice']:.2f} | {s[f'{p}_hd95_mm']:.2f} | "
                      f"{s[f'{p}_seconds']:.1f} |")
     lines += ["", f"int8 mask vs fp32 mask, Dice per case: mean {s['mask_dice_int8_vs_fp32_mean']:.4f}, worst "
-              f"{s['mask_dice_int8_vs_fp32_min']:.4f} ({s['worst_case']}); QC score |int8 - fp32|: mean "
+              f"{s['mask_dice_int8_vs_fp32_min']:.4f} ({s['worst_case']}, where fp32 scores Dice "
+              f"{s['worst_case_fp32_dice']:.3f} against the label); worst of the {s['qc_passed_cases']} cases fp32's "
+              f"QC score does not flag {s['mask_dice_int8_vs_fp32_min_qc_passed']:.4f} ({s['worst_qc_passed_case']}). "
+              f"QC score |int8 - fp32|: mean "
               f"{fmt(s['qc_abs_diff_mean'], 2)}, max {fmt(s['qc_abs_diff_max'], 2)}; cases flagged by one and not "
               f"the other: {s['qc_flag_disagreements']}."]
     return "\n".join(lines)

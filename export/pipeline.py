@@ -58,8 +58,9 @@ class ExportRequest:
     calibration: tuple[Path, ...] = ()  # scans whose windows calibrate int8 and check it against fp32
     calibration_cases: int = 16  # at most this many of them are used
     calibration_windows: int = 4  # windows per scan, evenly spaced over its window grid
-    # Least mask Dice (int8 vs fp32 IR, whole calibration scans) for the int8 IR to be written. Measured:
-    # >= 0.99 per case on the 64 unlabeled LA2018 cases (benchmarks/results/openvino_accuracy_cpu.json).
+    # Least mask Dice (int8 vs fp32 IR, whole calibration scans) for the int8 IR to be written. The shipped
+    # model's 16 calibration scans measured 0.990-0.998, most unlabeled cases >= 0.98 but not all
+    # (benchmarks/results/openvino_accuracy_cpu.json): a pass is necessary, not sufficient.
     min_int8_agreement: float = 0.98
 
     def __post_init__(self) -> None:

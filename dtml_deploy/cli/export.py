@@ -83,7 +83,8 @@ def export_cmd(
                             dynamic_spatial=dynamic_spatial, verify=verify, real_case=real_case, trt=trt,
                             trt_fp16=trt_precision.value == "fp16", min_batch=min_batch, opt_batch=opt_batch,
                             max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                            openvino=openvino, int8=int8, calibration=_calibration_scans(calibration or [], expand_inputs),
+                            openvino=openvino, int8=int8,
+                            calibration=_calibration_scans(calibration or [], expand_inputs),
                             calibration_cases=calibration_cases, calibration_windows=calibration_windows,
                             min_int8_agreement=min_int8_agreement)
         run_export(req, typer.echo)

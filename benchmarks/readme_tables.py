@@ -11,6 +11,7 @@ Sources (each written by the script named in its table's caption):
   results/qc_calibration_cpu.json                                    <- qc_calibration.py analyse
   results/scaling_cpu.json                                           <- scaling.py --json
   results/serve_throughput_cpu.json                                  <- serve_throughput.py --json
+  results/openvino_accuracy_cpu.json, results/openvino_speed_cpu.json <- openvino_accuracy.py / openvino_speed.py
 """
 
 from __future__ import annotations
@@ -181,6 +182,38 @@ def serve_table(doc: dict) -> str:
         lines.append(f"| {mode} | {r['total_s']:.1f} | {r['scans_per_s']:.3f} | {r['latency_p50_s']:.2f} | "
                      f"{r['latency_p95_s']:.2f} | {fmt(r.get('forwards', ''))} | "
                      f"{'identical' if r['masks_equal_cli'] else 'DIFFERENT'} |")
+
+
+def openvino_accuracy_table(doc: dict) -> str:
+    s = doc["summary"]
+    lines = [f"{s['cases']} unlabeled LA2018 cases, dtml protocol ({doc['machine']})", "",
+             f"| IR | Dice % vs label | 95HD mm ({s['hd95_cases']} cases where both masks exist) | seconds per case |",
+             "|---|---|---|---|"]
+    for p in ("fp32", "int8"):
+        lines.append(f"| OpenVINO {p} | {100 * s[f'{p}_dice']:.2f} | {s[f'{p}_hd95_mm']:.2f} | "
+                     f"{s[f'{p}_seconds']:.1f} |")
+    lines += ["", f"int8 mask vs fp32 mask, Dice per case: mean {s['mask_dice_int8_vs_fp32_mean']:.4f}, worst "
+              f"{s['mask_dice_int8_vs_fp32_min']:.4f} ({s['worst_case']}, where fp32 scores Dice "
+              f"{s['worst_case_fp32_dice']:.3f} against the label); worst of the {s['qc_passed_cases']} cases fp32's "
+              f"QC score does not flag {s['mask_dice_int8_vs_fp32_min_qc_passed']:.4f} ({s['worst_qc_passed_case']}). "
+              f"QC score |int8 - fp32|: mean "
+              f"{fmt(s['qc_abs_diff_mean'], 2)}, max {fmt(s['qc_abs_diff_max'], 2)}; cases flagged by one and not "
+              f"the other: {s['qc_flag_disagreements']}."]
+    return "\n".join(lines)
+
+
+def openvino_speed_table(doc: dict) -> str:
+    lines = [f"{doc['machine']}; case {doc['case']} ({doc['volume']}), median of {doc['rounds']} interleaved "
+             f"round(s); {doc['load']}", "",
+             "| grid | method | windows | seconds | vs torch fp32 | vs torch bf16 | vs paper loop | mask agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "seconds" not in r:
+            lines.append(f"| {r['grid']} | {r['method']} | {r['windows']} | | | | | |")
+            continue
+        ratios = [f"{r[k]:.2f}x" if r.get(k) else "" for k in ("vs torch fp32", "vs torch bf16", "vs paper loop")]
+        lines.append(f"| {r['grid']} | {r['method']} | {r['windows']} | {r['seconds']:.1f} | {' | '.join(ratios)} | "
+                     f"{fmt(r.get('agreement'), 4)} |")
     return "\n".join(lines)
 
 
@@ -215,6 +248,14 @@ def main() -> None:
         if doc:
             print("**dtml serve: 8 small scans at once** (`benchmarks/serve_throughput.py`)\n")
             print(serve_table(doc), end="\n\n")
+    doc = load("openvino_accuracy_cpu.json")
+    if doc:
+        print("**OpenVINO int8 against fp32** (`benchmarks/openvino_accuracy.py`)\n")
+        print(openvino_accuracy_table(doc), end="\n\n")
+    doc = load("openvino_speed_cpu.json")
+    if doc:
+        print("**OpenVINO on the CPU, whole scan** (`benchmarks/openvino_speed.py`)\n")
+        print(openvino_speed_table(doc), end="\n\n")
     for name, title in (("metrics_speed_cpu.json", "Metrics speed"), ("backend_speed_cpu.json", "Backend speed")):
         doc = load(name)
         if doc:

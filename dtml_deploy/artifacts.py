@@ -4,6 +4,8 @@ Both the exporter (`export/`) and the runtime backends read this module, so it l
 (which never imports `export/`). An artifact describes itself:
 
 * ONNX files carry `dtml.*` entries in `metadata_props` (see `onnx_metadata`);
+* an OpenVINO IR carries the same entries in its runtime info (`rt_info["dtml"][key]`, key without
+  the `dtml.` prefix; see `openvino_metadata`);
 * a TensorRT engine has a JSON sidecar beside it (`<name>.engine.json`, see `TrtSidecar`), because an
   engine is only valid for the TensorRT version and the GPU model that built it.
 
@@ -31,10 +33,13 @@ PROB_COMBINATION = "prob = (p_seg + p_dis) / 2"
 
 ONNX_FORMAT = "dtml-onnx"
 TRT_FORMAT = "dtml-trt-engine"
+OPENVINO_FORMAT = "dtml-openvino"
 ARTIFACT_FORMAT_VERSION = 1
 # The commands that make each artifact, as error messages quote them.
 EXPORT_ONNX = "dtml export --model BUNDLE"
 EXPORT_TRT = f"{EXPORT_ONNX} --trt"
+EXPORT_OPENVINO = f"{EXPORT_ONNX} --openvino"
+EXPORT_INT8 = f"{EXPORT_OPENVINO} --int8 --calibration SCANS"
 _PREFIX = "dtml."
 
 
@@ -42,7 +47,7 @@ _PREFIX = "dtml."
 class ArtifactFormat:
     """One kind of exported model: how it is named, what builds it, what runs it."""
 
-    name: str  # onnx | trt
+    name: str  # onnx | trt | openvino
     suffix: str  # file suffix of the artifact
     backend: str  # the backend (see dtml_deploy.backends) that runs it
     build_packages: tuple[str, ...]  # import names needed to produce it
@@ -64,11 +69,15 @@ FORMATS: dict[str, ArtifactFormat] = {
                            ("fp32", "fp16"), needs_gpu=False, extra="onnx"),
     "trt": ArtifactFormat("trt", ".engine", "trt", ("tensorrt", "onnx"), ("tensorrt", "torch"),
                           ("fp32", "fp16"), needs_gpu=True, extra="trt"),
+    "openvino": ArtifactFormat("openvino", ".xml", "openvino", ("torch", "onnx", "onnxruntime", "openvino", "nncf"),
+                               ("openvino",), ("fp32", "int8"), needs_gpu=False, extra="openvino"),
 }
+# What makes each format (quoted by error messages).
+EXPORT_COMMANDS = {"onnx": EXPORT_ONNX, "trt": EXPORT_TRT, "openvino": EXPORT_OPENVINO}
 
 
 def artifact_format(name: str) -> ArtifactFormat:
-    """Look up a format by name (`onnx`, `trt`)."""
+    """Look up a format by name (`onnx`, `trt`, `openvino`)."""
     try:
         return FORMATS[name]
     except KeyError:
@@ -109,11 +118,11 @@ class ArtifactInfo:
 
 
 def onnx_metadata(bundle: Bundle, *, precision: str, dynamic_spatial: bool, opset: int,
-                  outputs: tuple[str, ...] = ONNX_OUTPUTS) -> dict[str, str]:
-    """The `dtml.*` key/value strings an exported ONNX file carries."""
+                  outputs: tuple[str, ...] = ONNX_OUTPUTS, fmt: str = ONNX_FORMAT) -> dict[str, str]:
+    """The `dtml.*` key/value strings an exported ONNX file carries (`fmt`: whose format tag)."""
     m = bundle.model
     values: dict[str, Any] = {
-        "format": ONNX_FORMAT,
+        "format": fmt,
         "format_version": ARTIFACT_FORMAT_VERSION,
         "bundle_hash": bundle.content_hash,
         "patch_size": list(m.patch_size),
@@ -159,11 +168,24 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
-def parse_onnx_metadata(meta: Mapping[str, str], source: str = "ONNX file") -> ArtifactInfo:
-    """Validate the `dtml.*` entries; an ONNX file not made by `dtml export` is a `BundleError`."""
-    if meta.get(_PREFIX + "format") != ONNX_FORMAT:
+def openvino_metadata(bundle: Bundle, *, precision: str, opset: int) -> dict[str, str]:
+    """The entries an OpenVINO IR carries under `rt_info["dtml"]`: the ONNX ones, keys unprefixed."""
+    meta = onnx_metadata(bundle, precision=precision, dynamic_spatial=False, opset=opset, fmt=OPENVINO_FORMAT)
+    return {k[len(_PREFIX):]: v for k, v in meta.items()}
+
+
+def parse_openvino_metadata(entries: Mapping[str, str], source: str) -> ArtifactInfo:
+    """Validate the `rt_info["dtml"]` entries of an IR (as `parse_onnx_metadata` does an ONNX file's)."""
+    return parse_onnx_metadata({_PREFIX + k: v for k, v in entries.items()}, source, fmt="openvino")
+
+
+def parse_onnx_metadata(meta: Mapping[str, str], source: str = "ONNX file", fmt: str = "onnx") -> ArtifactInfo:
+    """Validate the `dtml.*` entries; an artifact not made by `dtml export` is a `BundleError`."""
+    tag = OPENVINO_FORMAT if fmt == "openvino" else ONNX_FORMAT
+    rebuild = EXPORT_COMMANDS[fmt]
+    if meta.get(_PREFIX + "format") != tag:
         raise BundleError(f"{source}: not exported by dtml (no dtml metadata); "
-                          f"make one with `{EXPORT_ONNX}`")
+                          f"make one with `{rebuild}`")
     try:
         version = int(json.loads(meta[_PREFIX + "format_version"]))
         if version > ARTIFACT_FORMAT_VERSION:
@@ -181,7 +203,7 @@ def parse_onnx_metadata(meta: Mapping[str, str], source: str = "ONNX file") -> A
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{source}: damaged dtml metadata ({type(e).__name__}: {e}); "
-                          f"re-export with `{EXPORT_ONNX}`") from None
+                          f"re-export with `{rebuild}`") from None
 
 
 def check_bundle_hash(artifact_hash: str, bundle: Bundle, source: str, rebuild: str) -> None:
@@ -312,14 +334,14 @@ def _first_line(e: BaseException) -> str:
 def require_artifact(artifact: Path | None, fmt: str) -> Path:
     """The artifact a runtime backend was given, checked to exist and to be of its format."""
     f = FORMATS[fmt]
-    export = EXPORT_TRT if fmt == "trt" else EXPORT_ONNX
-    other = "ONNX graphs run with --backend onnx" if fmt == "trt" else "TensorRT engines run with --backend trt"
+    export = EXPORT_COMMANDS[fmt]
+    other = "; ".join(f"{o.suffix} files run with --backend {o.backend}" for o in FORMATS.values() if o.name != fmt)
     if artifact is None:
         raise BackendUnavailable(f"the {fmt} backend runs an exported model: run `{export}` first "
                                  f"or pass --artifact MODEL{f.suffix}")
     artifact = Path(artifact)
     if not artifact.is_file():
-        what = "engine" if fmt == "trt" else "ONNX file"
+        what = {"trt": "engine", "onnx": "ONNX file", "openvino": "OpenVINO IR"}[fmt]
         raise BackendUnavailable(f"{artifact}: no such {what}; run `{export}` first or pass --artifact MODEL{f.suffix}")
     if not artifact.name.endswith(f.suffix):
         raise BackendUnavailable(f"{artifact}: the {fmt} backend needs a {f.suffix} file ({other})")

@@ -1,17 +1,74 @@
-"""Which backend a request runs on, refusing options that backend would silently drop."""
+"""Which backend a request runs on, refusing options that backend would silently drop.
+
+`--artifact` names a file (it runs on its format's backend) or an export folder (`dtml export -o DIR`):
+from a folder the backend and file are picked by `pick_from_folder` in the order of measured speed on the
+device (`CPU_RANKING`), among the artifacts present whose runtime is installed.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
-from dtml_deploy.artifacts import format_for_path
+from dtml_deploy.artifacts import FORMATS, format_for_path
+
+# Fastest first, whole scans on the CPU (benchmarks/openvino_speed.py -> benchmarks/results/openvino_speed_cpu.json,
+# default grid, median of 3 interleaved rounds on a shared 2-core Xeon: openvino int8 3.4x torch fp32, openvino
+# fp32 1.15x). The test of this module checks the order against that file. Each entry: (backend, precision of
+# its artifact); torch needs none, so it ends the list.
+CPU_RANKING: tuple[tuple[str, str], ...] = (("openvino", "int8"), ("openvino", "fp32"), ("torch", "fp32"))
+CUDA_RANKING: tuple[tuple[str, str], ...] = (("trt", "fp16"), ("trt", "fp32"), ("torch", "fp16"))
+RANKING_SOURCE = "benchmarks/results/openvino_speed_cpu.json"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A backend picked from an export folder, the file it runs (None: the bundle itself) and why."""
+
+    backend: str
+    artifact: Path | None
+    reason: str
+
+
+def _installed(backend: str) -> bool:
+    return backend == "torch" or all(importlib.util.find_spec(p) is not None for p in FORMATS[backend].run_packages)
+
+
+def pick_from_folder(folder: Path, backend: str, device_type: str) -> Choice:
+    """The fastest measured (backend, artifact) in `folder` for `device_type` whose runtime is installed;
+    `backend` other than auto restricts the choice to that backend (a ValueError when it has no file there)."""
+    ranking = CUDA_RANKING if device_type == "cuda" else CPU_RANKING
+    passed_over = []
+    for name, precision in ranking:
+        if backend not in ("auto", name):
+            continue
+        if name == "torch":
+            why = f"; {', '.join(passed_over)}" if passed_over else ""
+            return Choice("torch", None, f"torch {precision} (no faster artifact usable in {folder}{why})")
+        path = Path(folder) / FORMATS[name].filename(precision)
+        if not path.is_file():
+            continue
+        if not _installed(name):
+            passed_over.append(f"{path.name} skipped: pip install 'dtml[{FORMATS[name].extra}]' to run it")
+            continue
+        return Choice(name, path, f"{name} {precision} ({path}), the fastest measured on the {device_type} "
+                                  f"({RANKING_SOURCE})")
+    present = sorted(p.name for f in FORMATS.values() for p in Path(folder).glob(f"model-*{f.suffix}"))
+    for p in present:  # another precision of the asked backend (e.g. model-fp32.xml): run it as named
+        fmt = format_for_path(Path(p))
+        if backend in ("auto", fmt.backend) and _installed(fmt.backend):
+            return Choice(fmt.backend, Path(folder) / p, f"{fmt.backend} ({Path(folder) / p}), the only usable "
+                                                         f"artifact in {folder}")
+    raise ValueError(f"--artifact {folder}: no artifact for --backend {backend} there "
+                     f"(found: {', '.join(present) or 'none'}); make one with `dtml export -o {folder}`")
 
 
 def resolve_backend(backend: str, artifact: Path | None, *, compile: bool = False,
                     cuda_graphs: bool | None = None, cudnn_fusion: bool | None = None) -> str:
     """The backend to create: `auto` with `--artifact` runs the artifact's own backend (an .onnx on
-    onnx, an .engine on trt); `--artifact` with `--backend torch`, and torch-only switches with the
-    onnx or trt backend, are refused (ValueError) instead of being ignored."""
+    onnx, an .engine on trt, an .xml on openvino); `--artifact` with `--backend torch`, and torch-only
+    switches with another backend, are refused (ValueError) instead of being ignored."""
     if artifact is not None:
         fmt = format_for_path(artifact)
         if backend == "torch":
@@ -19,7 +76,7 @@ def resolve_backend(backend: str, artifact: Path | None, *, compile: bool = Fals
                              "the torch backend runs the bundle itself")
         if backend == "auto":
             backend = fmt.backend
-    if backend in ("onnx", "trt"):
+    if backend != "torch" and backend != "auto":
         torch_only = [flag for flag, on in (("--compile", compile), ("--cuda-graphs", cuda_graphs),
                                             ("--cudnn-fusion", cudnn_fusion)) if on]
         if torch_only:

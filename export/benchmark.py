@@ -37,7 +37,7 @@ from dtml_deploy.metrics import agreement
 from dtml_deploy.runner import InferenceSettings, build_segmenter, default_precision
 from dtml_deploy.segment import Segmenter, case_name
 from export.formats import FORMATS, artifact_path, missing_packages
-from export.pipeline import VerificationFailed, central_patch, export_verified_onnx
+from export.pipeline import ExportRequest, VerificationFailed, central_patch, export_verified_onnx
 
 RANDOM_SHAPE = (144, 128, 88)
 STATUS_THRESHOLD = 0.99  # agreement below this marks a row "exported but failed parity"
@@ -53,8 +53,9 @@ class RowSpec:
 
     key: str  # the name --formats takes
     name: str
-    backend: str  # torch | onnx | trt
+    backend: str  # torch | onnx | trt | openvino
     precision: str | None  # None: the device's default (fp16 on CUDA, fp32 on CPU)
+    artifact_precision: str | None = None  # the artifact's own when it differs (int8 IR, fp32 compute elsewhere)
     compile: bool = False
     cuda_graphs: bool = False
     cudnn_fusion: bool = False
@@ -70,6 +71,8 @@ ROWS: tuple[RowSpec, ...] = (
     RowSpec("onnx-fp32", "onnxruntime fp32", "onnx", "fp32"),
     RowSpec("onnx-fp16", "onnxruntime fp16", "onnx", "fp16"),
     RowSpec("trt-fp16", "TensorRT fp16", "trt", "fp16"),
+    RowSpec("openvino-fp32", "OpenVINO fp32", "openvino", "fp32"),
+    RowSpec("openvino-int8", "OpenVINO int8 (NNCF, calibrated on --data)", "openvino", "fp32", "int8"),
 )
 ROW_KEYS: tuple[str, ...] = tuple(s.key for s in ROWS)
 
@@ -224,6 +227,10 @@ def machine(device: torch.device) -> str:
         import onnxruntime
 
         hw += f", onnxruntime {onnxruntime.__version__}"
+    with contextlib.suppress(ImportError):
+        import openvino
+
+        hw += f", openvino {openvino.get_version().split('-')[0]}"
     return hw
 
 
@@ -301,8 +308,19 @@ def _trt_reason(cuda: bool) -> str | None:
     return None if cuda else "TensorRT runs on CUDA only; the device is the CPU"
 
 
-def skip_reason(spec: RowSpec, cuda: bool, named: bool) -> str | None:
-    """Why `spec` cannot run here (None when it can); `named`: --formats asked for it."""
+def _openvino_reason(spec: RowSpec, cuda: bool, real: bool) -> str | None:
+    missing = missing_packages(FORMATS["openvino"])
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'dtml[openvino]')"
+    if cuda:
+        return "OpenVINO runs on the CPU; the device is CUDA"
+    if spec.artifact_precision == "int8" and not real:
+        return "int8 is calibrated on real scans: pass --data"
+    return None
+
+
+def skip_reason(spec: RowSpec, cuda: bool, named: bool, real: bool = True) -> str | None:
+    """Why `spec` cannot run here (None when it can); `named`: --formats asked for it; `real`: --data given."""
     if spec.backend == "torch":
         if spec.precision == "fp16" and not cuda:
             return "fp16 needs CUDA (no fp16 convolutions on the CPU)"
@@ -311,6 +329,8 @@ def skip_reason(spec: RowSpec, cuda: bool, named: bool) -> str | None:
         return None
     if spec.backend == "onnx":
         return _onnx_ep_reason(spec.precision or "fp32", cuda)
+    if spec.backend == "openvino":
+        return _openvino_reason(spec, cuda, real)
     return _trt_reason(cuda)
 
 
@@ -344,7 +364,24 @@ def _trt_artifact(ctx: _Context, fp16: bool) -> tuple[Path, str | None]:
     return engine, failure
 
 
+def _openvino_artifact(ctx: _Context, precision: str) -> tuple[Path, str | None]:
+    """An IR from the verified fp32 graph; int8 is quantised on windows of the --data scans (its agreement
+    is this row's, not a refusal as in `dtml export --int8`)."""
+    from export.onnx_export import DEFAULT_OPSET
+    from export.openvino_export import convert_onnx, quantize_int8, save_ir, scan_windows
+
+    src, failure = _onnx_artifact(ctx, "fp32")
+    path = artifact_path(ctx.workdir, "openvino", precision)
+    model = convert_onnx(src)
+    if precision == "int8":
+        n = ExportRequest.calibration_windows
+        model = quantize_int8(model, [w for scan in ctx.req.data for w in scan_windows(scan, ctx.bundle, n)])
+    return save_ir(model, ctx.bundle, path, precision, DEFAULT_OPSET), failure
+
+
 def _artifact(ctx: _Context, spec: RowSpec, precision: str) -> tuple[Path | None, str | None]:
+    if spec.backend == "openvino":
+        return _openvino_artifact(ctx, spec.artifact_precision or precision)
     if spec.backend == "onnx":
         return _onnx_artifact(ctx, precision)
     if spec.backend == "trt":
@@ -475,8 +512,8 @@ def run_row(ctx: _Context, spec: RowSpec, named: bool) -> BenchmarkRow:
     """One row; never raises (a failure becomes the row's status)."""
     cuda = ctx.device.type == "cuda"
     precision = spec.precision or default_precision(str(ctx.device))
-    row = BenchmarkRow(spec.key, spec.name, spec.backend, precision, PASSED)
-    reason = skip_reason(spec, cuda, named)
+    row = BenchmarkRow(spec.key, spec.name, spec.backend, spec.artifact_precision or precision, PASSED)
+    reason = skip_reason(spec, cuda, named, ctx.real)
     if reason is not None:
         row.status = f"skipped: {reason}"
         return row
@@ -533,7 +570,7 @@ def run_benchmark(req: BenchmarkRequest, echo: Callable[[str], None] = lambda _:
     cuda = device.type == "cuda"
     batches = batch_values(req.batches, cuda)
     specs = [s for s in ROWS if not req.formats or s.key in req.formats]
-    reasons = {s.key: skip_reason(s, cuda, s.key in req.formats) for s in specs}
+    reasons = {s.key: skip_reason(s, cuda, s.key in req.formats, bool(req.data)) for s in specs}
     if all(reasons.values()):  # say so before loading cases or making a work folder
         raise DtmlError("nothing to benchmark on this machine: "
                         + "; ".join(f"{key} skipped ({why})" for key, why in reasons.items()))

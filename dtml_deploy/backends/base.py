@@ -2,7 +2,7 @@
 
 Channel names a backend can produce (always fp32):
   `p_seg` sigmoid of M_s's logits; `sdm` tanh output of M_d; `p_dis` sigmoid(-k * sdm).
-Backends are registered by name (`torch`, `onnx`, `trt`); `auto` picks one for the device and the
+Backends are registered by name (`torch`, `onnx`, `trt`, `openvino`); `auto` picks one for the device and the
 artifact given (`_auto_choice` states the rule and the measurement behind it).
 """
 
@@ -103,6 +103,7 @@ _REGISTRY = {
     "torch": "dtml_deploy.backends.torch_backend:TorchBackend",
     "onnx": "dtml_deploy.backends.onnx_backend:OnnxBackend",
     "trt": "dtml_deploy.backends.trt_backend:TrtBackend",
+    "openvino": "dtml_deploy.backends.openvino_backend:OpenVinoBackend",
 }
 BACKENDS: tuple[str, ...] = ("auto", *_REGISTRY)  # what --backend accepts
 

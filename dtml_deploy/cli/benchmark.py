@@ -56,7 +56,7 @@ def benchmark(
     formats: Annotated[str | None, typer.Option(
         help="Comma-separated rows to run (default: all that exist here; torch-compiled only on CUDA): "
              "torch-fp32, torch-bf16, torch-fp16, torch-fp16-graphs, torch-compiled, onnx-fp32, onnx-fp16, "
-             "trt-fp16")] = None,
+             "trt-fp16, openvino-fp32, openvino-int8")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Folder for exported artifacts (default: a temporary folder, removed)")]
         = _default("workdir"),

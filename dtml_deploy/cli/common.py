@@ -67,7 +67,9 @@ def value(choice: Enum | None) -> Any:
 # Inference options shared by `segment`, `evaluate` and `benchmark` (one definition each).
 ModelOpt = Annotated[Path | None, typer.Option(help="Bundle folder (default: the shipped model)")]
 BackendOpt = Annotated[BackendName, typer.Option(help="Inference backend")]
-ArtifactOpt = Annotated[Path | None, typer.Option(help="Prebuilt .onnx or .engine for --backend onnx/trt")]
+ArtifactOpt = Annotated[Path | None, typer.Option(
+    help="Prebuilt .onnx, .engine or .xml for --backend onnx/trt/openvino, or a `dtml export` folder (the fastest "
+         "measured artifact there that runs here is used)")]
 DeviceOpt = Annotated[str, typer.Option(help=DEVICE_CHOICES.replace(", ", " | "))]
 PrecisionOpt = Annotated[PrecisionName | None,
                          typer.Option(help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")]
@@ -184,14 +186,22 @@ def echo_err(message: str) -> None:
 
 
 def load_for_backend(settings: InferenceSettings) -> tuple[Bundle, InferenceSettings]:
-    """Load the bundle once; for onnx without --artifact also find (or make) its cached, verified export
-    in the precision the run will use (lazy import of export/) and name it as the artifact."""
+    """Load the bundle once; an --artifact folder becomes the fastest measured artifact in it (said on stderr);
+    for onnx without --artifact also find (or make) its cached, verified export in the precision the run
+    will use (lazy import of export/) and name it as the artifact."""
     from dataclasses import replace
 
     from dtml_deploy.bundle import Bundle
     from dtml_deploy.runner import default_precision
 
     bundle = Bundle.load(settings.model)
+    if settings.artifact is not None and Path(settings.artifact).is_dir():  # an export folder: say what runs
+        from dtml_deploy.backend_choice import pick_from_folder
+        from dtml_deploy.backends.base import resolve_device
+
+        choice = pick_from_folder(settings.artifact, settings.backend, resolve_device(settings.device).type)
+        echo_err(f"--backend {settings.backend}: running {choice.reason}")
+        return bundle, replace(settings, backend=choice.backend, artifact=choice.artifact)
     if settings.backend != "onnx" or settings.artifact is not None:
         return bundle, settings
     from export.pipeline import cached_onnx

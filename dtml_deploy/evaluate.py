@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,8 +38,11 @@ from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
 from dtml_deploy.metrics import case_metrics, summarise
-from dtml_deploy.ranks import Beat, Ranks, ShardSettings, run_cases
+from dtml_deploy.ranks import Beat, ShardSettings, run_cases
 from dtml_deploy.segment import Segmenter, case_error, case_name
+
+if TYPE_CHECKING:
+    from dtml_deploy.predictor import Predictor
 
 COLUMNS = ("dice", "jaccard", "asd", "hd95", "asd_mm", "hd95_mm")
 HEADERS = {"dice": "Dice %", "jaccard": "Jaccard %", "asd": "ASD vox", "hd95": "95HD vox",
@@ -157,17 +160,18 @@ class CarriedOutputs(Protocol):
     def put(self, case: str, data: bytes) -> None: ...
 
 
-def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
+def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
                 progress: Callable[[str], None] | None = None,
                 ignore_geometry: bool = False, visit: Callable[..., None] | None = None,
-                ranks: Ranks = Ranks(), shard: ShardSettings = ShardSettings()) -> list[dict[str, Any]] | None:
-    """Segment each case's image with `segmenter` and score it against its label; a case that fails
+                shard: ShardSettings = ShardSettings()) -> list[dict[str, Any]] | None:
+    """Segment each case's image with `predictor` and score it against its label; a case that fails
     (unreadable image or label, grids that differ, limits, ...) is a 'failed' row. `visit(case, mask=,
     label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails).
     Under torchrun the cases are shared among the ranks (dtml_deploy/ranks.py): rank 0 returns every row
     in case order (a case the job stopped before is a failed row), and receives what a `CarriedOutputs`
     visit kept on the other ranks; the other ranks return None. `progress(case)` runs on rank 0 as each
     case arrives."""
+    segmenter, ranks = predictor.segmenter, predictor.ranks
     carried = ranks.distributed and isinstance(visit, CarriedOutputs)
 
     def work(i: int, beat: Beat) -> dict[str, Any]:

@@ -114,6 +114,20 @@ def case_name(path: Path) -> str:
     return strip_suffix(path.name)
 
 
+def fill_report(report: CaseReport, vol: Volume, seg: Segmentation) -> None:
+    """The per-case facts of a segmented volume (shape, spacing, windows, QC, timings) into `report`."""
+    report.geometry_guessed = list(vol.guessed) or None
+    report.shape = list(vol.shape)
+    report.spacing = [float(s) for s in vol.spacing]
+    report.windows = seg.windows
+    report.agreement = seg.agreement
+    report.foreground_voxels = int(seg.mask.sum())
+    report.resampled = seg.resampled
+    report.intensity = seg.intensity
+    report.qc = seg.qc.to_dict() if seg.qc is not None else None
+    report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
+
+
 class Segmenter:
     """Binds a bundle, a backend and options; segments arrays or files."""
 
@@ -197,6 +211,16 @@ class Segmenter:
         check_memory(need + act, name, f"the {'x'.join(map(str, work_shape))} volume with batches of {batch} "
                      f"window(s)", "lower --batch, or check the voxel size")
 
+    def read(self, path: Path) -> Volume:
+        """Read one input as `segment_file` does (the bundle's spacing for files without one, --spacing)."""
+        return read_volume(Path(path), default_spacing=self.bundle.model.spacing, spacing=self.options.spacing,
+                           max_voxels=self.options.limits.max_voxels)
+
+    def segment_volume(self, vol: Volume, progress: Any = None) -> Segmentation:
+        """`segment_array` on a read volume (its spacing, unless the file had none)."""
+        return self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing, str(vol.path),
+                                  progress)
+
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
                      progress: Any = None) -> CaseReport:
         """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
@@ -206,52 +230,45 @@ class Segmenter:
         report = CaseReport(input=str(path), status="failed")
         try:
             t = time.perf_counter()
-            vol = read_volume(path, default_spacing=self.bundle.model.spacing, spacing=self.options.spacing,
-                              max_voxels=self.options.limits.max_voxels)
+            vol = self.read(path)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self._output_paths(vol, Path(out))
-            outputs = dict(paths)
-            for p in outputs.values():
-                if p.exists() and not overwrite:
-                    raise InputError(f"{p}: exists (use --overwrite to replace it)")
-            seg = self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing,
-                                     str(path), progress)
-            t = time.perf_counter()
-            maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
-                    "uncertainty": (seg.uncertainty, np.float32)}
-            # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
-            # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
-            # series or a failed drawing leaves no file behind.
-            prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
-                        for path, png in self._previews(vol, seg, report, outputs).items()]
-            outputs.pop("preview", None)
-            if "dicom_seg" in outputs:
-                from dtml_deploy.io.dicom_seg import build_seg, save_seg
-
-                ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-                prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
-            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
+            paths = self.output_paths(vol, Path(out), overwrite)
+            seg = self.segment_volume(vol, progress)
             seg.seconds["read"] = read_s
-            seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
-            report.status = "ok"
-            report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
-            report.preview = str(paths["preview"]) if "preview" in paths else None
-            report.shape = list(vol.shape)
-            report.spacing = [float(s) for s in vol.spacing]
-            report.windows = seg.windows
-            report.agreement = seg.agreement
-            report.foreground_voxels = int(seg.mask.sum())
-            report.resampled = seg.resampled
-            report.intensity = seg.intensity
-            report.qc = seg.qc.to_dict() if seg.qc is not None else None
-            report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
+            self.save(vol, seg, paths, report)
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"
             report.error = case_error(path, e)
         return report
 
-    def _output_paths(self, vol: Volume, out: Path) -> dict[str, Path]:
+    def save(self, vol: Volume, seg: Segmentation, paths: dict[str, Path], report: CaseReport) -> None:
+        """Write a segmented case's outputs (`output_paths`) as one unit and fill its report."""
+        t = time.perf_counter()
+        outputs = dict(paths)
+        maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
+                "uncertainty": (seg.uncertainty, np.float32)}
+        # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
+        # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
+        # series or a failed drawing leaves no file behind.
+        prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
+                    for path, png in self._previews(vol, seg, report, outputs).items()]
+        outputs.pop("preview", None)
+        if "dicom_seg" in outputs:
+            from dtml_deploy.io.dicom_seg import build_seg, save_seg
+
+            ds = build_seg(vol, seg.mask, self.bundle.content_hash)
+            prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+        write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
+        seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
+        report.status = "ok"
+        report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
+        report.preview = str(paths["preview"]) if "preview" in paths else None
+        fill_report(report, vol, seg)
+
+    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False) -> dict[str, Path]:
+        """Where a case's outputs go under `out` (a folder, or the mask's file name); an existing output is
+        refused unless `overwrite`, and so is an output that would replace the input."""
         cfg = self.options.engine
         if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
             fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
@@ -279,6 +296,9 @@ class Segmenter:
         for p in paths.values():
             if p.resolve() == src:
                 raise InputError(f"{p}: output would overwrite the input; choose another -o")
+        for p in paths.values():
+            if p.exists() and not overwrite:
+                raise InputError(f"{p}: exists (use --overwrite to replace it)")
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,

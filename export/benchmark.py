@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from dtml_deploy.artifacts import TrtProfile
-from dtml_deploy.backends.base import resolve_device
+from dtml_deploy.backends.base import BackendOptions, resolve_device
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DtmlError, OutOfMemory
 from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.metrics import agreement
-from dtml_deploy.runner import InferenceSettings, build_segmenter, default_precision
+from dtml_deploy.predictor import Predictor
 from dtml_deploy.segment import Segmenter, case_name
 from export.formats import FORMATS, artifact_path, missing_packages
 from export.pipeline import VerificationFailed, central_patch, export_verified_onnx
@@ -357,10 +357,9 @@ def _artifact(ctx: _Context, spec: RowSpec, precision: str) -> tuple[Path | None
 
 def _segmenter(ctx: _Context, spec: RowSpec, precision: str, batch: int, artifact: Path | None) -> Segmenter:
     """The bundle and a backend with the engine settings of `dtml segment` (its defaults)."""
-    settings = InferenceSettings(model=ctx.req.bundle, backend=spec.backend, artifact=artifact, device=ctx.req.device,
-                                 precision=precision, batch=batch, compile=spec.compile, cuda_graphs=spec.cuda_graphs,
-                                 cudnn_fusion=spec.cudnn_fusion)
-    return build_segmenter(settings, ctx.bundle)
+    return Predictor.load(ctx.bundle, backend=spec.backend, artifact=artifact, device=ctx.req.device,
+                          precision=precision, batch=batch, compile=spec.compile, cuda_graphs=spec.cuda_graphs,
+                          cudnn_fusion=spec.cudnn_fusion).segmenter
 
 
 def _one_pass(segmenter: Segmenter, cases: list[_Case]) -> tuple[float, float, int, np.ndarray]:
@@ -474,7 +473,7 @@ def _judge(ctx: _Context, row: BenchmarkRow, mask: np.ndarray, is_reference: boo
 def run_row(ctx: _Context, spec: RowSpec, named: bool) -> BenchmarkRow:
     """One row; never raises (a failure becomes the row's status)."""
     cuda = ctx.device.type == "cuda"
-    precision = spec.precision or default_precision(str(ctx.device))
+    precision = spec.precision or str(BackendOptions(device=str(ctx.device)).resolved(spec.backend).precision)
     row = BenchmarkRow(spec.key, spec.name, spec.backend, precision, PASSED)
     reason = skip_reason(spec, cuda, named)
     if reason is not None:

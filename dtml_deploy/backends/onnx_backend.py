@@ -68,6 +68,7 @@ class OnnxBackend(Backend):
 
     def __init__(self, bundle: Bundle, options: BackendOptions, outputs: tuple[str, ...]) -> None:
         super().__init__(bundle, options, outputs)
+        options = self.options  # resolved (device-dependent defaults made concrete)
         try:
             import onnxruntime as ort
         except ImportError:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,19 +17,33 @@ from dtml_deploy.cli.common import (
     ModelOpt,
     ProgressOpt,
     RankTimeoutOpt,
-    bundle_path,
     default_of,
     exit_for_failures,
     fail,
-    inference_settings,
-    load_for_backend,
+    load_predictor,
+    predictor_settings,
     require_viz,
     setting,
     user_errors,
     with_shared,
 )
 from dtml_deploy.ranks import ShardSettings
-from dtml_deploy.runner import SegmentJob
+
+if TYPE_CHECKING:
+    from dtml_deploy.predictor import Predictor
+    from dtml_deploy.ranks import Ranks
+    from dtml_deploy.segment import CaseReport
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Which files `dtml segment` reads and where its results go."""
+
+    inputs: list[Path]
+    output: Path
+    overwrite: bool = False
+    json_report: Path | None = None
+    progress: bool = True
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -85,23 +101,62 @@ def segment(
     """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
     scans are shared among the ranks (one per GPU, or CPU processes); rank 0 writes the report."""
     from dtml_deploy.ranks import Ranks
-    from dtml_deploy.runner import run_segment
 
     with user_errors():
         ranks, shard = Ranks.from_env(), ShardSettings(stall_timeout_s=rank_timeout)
         if preview:
             require_viz("--preview")
-        model_path = bundle_path(model)
-        settings, _ = inference_settings(
-            model_path, qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
+        settings = predictor_settings(
+            qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
-        bundle, settings = load_for_backend(settings)
         job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
-        reports = run_segment(job, settings, bundle, ranks, shard)
+        check_job(job)
+        predictor = load_predictor(model, settings, ranks)
+        reports = run_job(predictor, job, ranks, shard, precision_chosen=options.get("precision") is not None)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:
         raise fail("no input scans found")
     exit_for_failures(sum(r.status != "ok" for r in reports), len(reports))
+
+
+def check_job(job: SegmentJob) -> None:
+    """Refuse, before loading the model, an `-o` file with several inputs and an unusable report path."""
+    from dtml_deploy.batch import check_output
+    from dtml_deploy.io.reports import check_report_path
+
+    check_output(job.inputs, job.output)
+    if job.json_report is not None:
+        check_report_path(job.json_report, "the JSON report")
+
+
+def run_job(predictor: Predictor, job: SegmentJob, ranks: Ranks, shard: ShardSettings,
+            precision_chosen: bool) -> list[CaseReport] | None:
+    """Segment the job's inputs with the console's events; rank 0 prints the summary lines and writes the
+    JSON report, and returns the reports (the other ranks None)."""
+    from dtml_deploy.backends.torch_backend import cpu_precision_note
+    from dtml_deploy.cli.console import ConsoleEvents
+    from dtml_deploy.io.reports import write_report_text
+
+    with ConsoleEvents(predictor, job.progress) as events:
+        events.say(f"dtml: {len(job.inputs)} scan(s){ranks.running(predictor.describe())}")
+        backend = predictor.segmenter.backend
+        note = cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen)
+        if note:
+            events.say(note)
+        reports = predictor.segment_files(job.inputs, job.output, job.overwrite, events, shard)
+    if reports is None:
+        return None
+    if events.stopped:
+        events.say(f"error: {events.stopped}; {events.unfinished} case(s) not segmented (finished cases are written)")
+    if ranks.distributed:
+        ok, n = sum(r.status == "ok" for r in reports), len(reports)
+        events.say(f"dtml: {ok} of {n} scan(s) segmented on {ranks.world_size} ranks in {events.seconds:.1f} s "
+                   f"({n / max(events.seconds, 1e-9):.3f} scans/s)")
+    if job.json_report is not None:
+        report = {**predictor.record(), "ranks": events.ranks, "total_seconds": round(events.seconds, 3),
+                  "cases": [r.to_dict() for r in reports]}
+        write_report_text(job.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
+    return reports

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dtml_deploy.version import __version__
+
 __all__ = ["Prediction", "Predictor", "PredictorSettings", "SegmentEvents", "__version__"]
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     """The API's classes, imported on first use (so `import dtml_deploy.io...` does not load torch)."""
     if name in ("Prediction", "Predictor", "SegmentEvents"):
-        from dtml_deploy import predictor
+        import dtml_deploy.predictor as predictor
 
         return getattr(predictor, name)
     if name == "PredictorSettings":

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtml_deploy import __version__
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig
 from dtml_deploy.errors import BackendUnavailable, BundleError
+from dtml_deploy.version import __version__
 
 ONNX_INPUT = "image"
 # Every exported graph has these outputs, in this order (all float32, [B, 1, D, H, W]).

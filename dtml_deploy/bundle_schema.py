@@ -8,6 +8,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from dtml_deploy.checks import is_int
 from dtml_deploy.errors import BundleError
+from dtml_deploy.qc_reference import QCReference
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 META_KEYS = frozenset({"recipe", "data_fingerprint", "training", "qc"})  # what a bundle's `meta` may hold
@@ -52,10 +54,6 @@ def check_top_level(config: dict[str, Any], cfg_path: Path) -> None:
 
 def check_qc(qc: Any, cfg_path: Path) -> None:
     """The calibrated QC reference (dtml_deploy/qc.py): every field present, numbers finite."""
-    import math
-
-    from dtml_deploy.qc import QCReference
-
     if not isinstance(qc, dict):
         raise _fail(cfg_path, f"qc must be a JSON object, got {type(qc).__name__}")
     try:

@@ -22,44 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from dtml_deploy.engine.postprocess import largest_component
+from dtml_deploy.qc_reference import QCReference
 
 # Quantiles of the standardised intensity histogram that describe its shape.
 QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 BAND = 3  # voxels on each side of the mask's surface that make up the boundary band
-
-
-@dataclass(frozen=True)
-class QCReference:
-    """What a good case looks like, stored in a bundle's config.json under `qc`."""
-
-    volume_ml: tuple[float, float]  # smallest and largest training label volume
-    intensity_quantiles: tuple[float, ...]  # median over training scans of the standardised quantiles
-    intensity_distance: float  # largest distance of a training scan from that median
-    point_mass: float  # largest point mass of a training scan (see intensity_stats)
-    smoothness: float  # smallest neighbour correlation of a training scan
-    agreement_feature: str  # the model-side feature behind the `agreement` part (see head_features)
-    agreement_scale: tuple[float, float]  # that feature mapped linearly: (value -> 0, value -> 1), clipped
-    threshold: float  # a score below it flags the case
-    source: str = ""  # which cases the statistics and the threshold come from
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QCReference:
-        return cls(volume_ml=tuple(d["volume_ml"]), intensity_quantiles=tuple(d["intensity_quantiles"]),  # type: ignore[arg-type]
-                   intensity_distance=float(d["intensity_distance"]), point_mass=float(d["point_mass"]),
-                   smoothness=float(d["smoothness"]),
-                   agreement_feature=str(d["agreement_feature"]),
-                   agreement_scale=tuple(d["agreement_scale"]), threshold=float(d["threshold"]),  # type: ignore[arg-type]
-                   source=str(d.get("source", "")))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

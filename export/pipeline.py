@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dtml_deploy import __version__
 from dtml_deploy.artifacts import TrtProfile
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, DtmlError
@@ -26,6 +25,7 @@ from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
+from dtml_deploy.version import __version__
 from export.formats import FORMATS, artifact_path
 from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
 from export.trt_build import TrtBuildOptions  # importable without TensorRT

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy import __version__
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume
+from dtml_deploy.version import __version__
 
 SEGMENT_LABEL = "left atrium cavity"
 

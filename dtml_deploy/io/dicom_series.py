@@ -18,7 +18,7 @@ import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.itk_io import itk_error, require_sitk, volume_from_image
-from dtml_deploy.io.volume import Volume
+from dtml_deploy.io.scan import Volume
 
 _TAGS = {"uid": "0020|000e", "ipp": "0020|0032", "iop": "0020|0037", "spacing": "0028|0030",
          "frames": "0028|0008", "number": "0020|0011", "description": "0008|103e"}

@@ -60,6 +60,7 @@ def engine_fn(bundle: Bundle, volume: np.ndarray, grid: GridSpec, blend: str, ou
               **opts: object) -> Callable[[], object]:
     """A closure running dtml's engine: host volume in, host mask out, plus the probability map when
     `keep_prob` (into out['prob']). out['check']() fills out['prob'] (one more run if it was not kept)."""
+    opts = {"precision": "fp32", "cuda_graphs": False, "cudnn_fusion": False, **opts}  # what each row names
     backend = create_backend(str(opts.pop("backend", "torch")), bundle, BackendOptions(**opts),  # type: ignore[arg-type]
                              ("p_seg", "p_dis"))
 

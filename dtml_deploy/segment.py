@@ -18,7 +18,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import window_count
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
-from dtml_deploy.errors import DtmlError, InputError
+from dtml_deploy.errors import DtmlError, InputError, first_line
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
@@ -39,11 +39,10 @@ def case_error(path: Path | str, e: BaseException) -> str:
     """One line for a case that failed: the toolkit's own errors as they are, anything else with its type
     name (an unexpected error stays recognisable as a bug while the batch goes on)."""
     if isinstance(e, DtmlError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e, limit=10_000)
     if isinstance(e, OSError) and e.strerror:  # an output that cannot be written (disk full, a folder in the way)
         return f"{path}: cannot write its outputs: {e.strerror}" + (f": {e.filename}" if e.filename else "")
-    first = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{path}: {type(e).__name__}" + (f": {first}" if first else "")
+    return f"{path}: {first_line(e, limit=200 + len(type(e).__name__) + 2, typed=True)}"
 
 
 @dataclass(frozen=True)

@@ -170,13 +170,13 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the toolkit's errors (and bad option values) into one line and exit code 2."""
-    from dtml_deploy.errors import DtmlError
+    from dtml_deploy.errors import DtmlError, first_line
     from dtml_deploy.ranks import JobStopped
 
     try:
         yield
     except (DtmlError, ValueError, FileExistsError) as e:
-        raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise fail(first_line(e, limit=10_000)) from None
     except JobStopped as e:  # a rank of a torchrun launch told to stop: its finished cases are written
         raise fail(f"stopped by {e} (torchrun ended the job; see its report)", 143) from None
 

@@ -24,10 +24,11 @@ import io
 import json
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -151,15 +152,6 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
     return rows, unscored
 
 
-@runtime_checkable
-class CarriedOutputs(Protocol):
-    """A `visit` hook that keeps a per-case output (report thumbnails) which must reach rank 0."""
-
-    def take(self, case: str) -> bytes | None: ...
-
-    def put(self, case: str, data: bytes) -> None: ...
-
-
 def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
                 progress: Callable[[str], None] | None = None,
                 ignore_geometry: bool = False, visit: Callable[..., None] | None = None,
@@ -168,20 +160,21 @@ def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
     (unreadable image or label, grids that differ, limits, ...) is a 'failed' row. `visit(case, mask=,
     label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails).
     Under torchrun the cases are shared among the ranks (dtml_deploy/ranks.py): rank 0 returns every row
-    in case order (a case the job stopped before is a failed row), and receives what a `CarriedOutputs`
-    visit kept on the other ranks; the other ranks return None. `progress(case)` runs on rank 0 as each
-    case arrives."""
+    in case order (a case the job stopped before is a failed row), the other ranks None. Only results
+    travel between ranks: a case's row and, when `visit` is given, its mask and uncertainty (packed);
+    rank 0 reads the image and label again from their paths and calls `visit` for every case.
+    `progress(case)` runs on rank 0 as each case arrives."""
     segmenter, ranks = predictor.segmenter, predictor.ranks
-    carried = ranks.distributed and isinstance(visit, CarriedOutputs)
+    carry = ranks.distributed and visit is not None
 
     def work(i: int, beat: Beat) -> dict[str, Any]:
-        row = _score_case(segmenter, cases[i], ignore_geometry, visit, beat)
-        data = visit.take(cases[i].case_id) if carried else None  # type: ignore[union-attr]
-        return {"row": row, "carried": base64.b64encode(data).decode("ascii") if data else None}
+        kept: dict[str, Any] = {}
+        row = _score_case(segmenter, cases[i], ignore_geometry, _packer(kept) if carry else visit, beat)
+        return {"row": row, **kept}
 
     def on_result(i: int, result: dict[str, Any]) -> None:  # rank 0 only
-        if result["carried"] is not None:
-            visit.put(cases[i].case_id, base64.b64decode(result["carried"]))  # type: ignore[union-attr]
+        if carry and "mask" in result:
+            _visit_from_result(segmenter, cases[i], result, visit)  # type: ignore[arg-type]
         if progress is not None:
             progress(cases[i].case_id)
 
@@ -193,6 +186,39 @@ def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
         return None
     return [r["row"] if r is not None else _failed(c.case_id, f"{c.image.path}: not scored: {outcome.stopped}")
             for c, r in zip(cases, outcome.results)]
+
+
+def _packer(kept: dict[str, Any]) -> Callable[..., None]:
+    """A `visit` that keeps a case's results as JSON-able text: the mask as bits, the uncertainty (in
+    [0, 1]) in 1/255 steps, each zlib-compressed (a few tens of kB for an LA scan)."""
+    def keep(case: str, *, mask: np.ndarray, uncertainty: np.ndarray | None = None, **_: Any) -> None:
+        kept["shape"] = list(mask.shape)
+        kept["mask"] = _pack(np.packbits(np.asarray(mask, dtype=bool)))
+        if uncertainty is not None:
+            kept["uncertainty"] = _pack(np.rint(np.clip(uncertainty, 0.0, 1.0) * 255).astype(np.uint8))
+    return keep
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(a.tobytes(), 6)).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+
+
+def _visit_from_result(segmenter: Segmenter, case: LabeledCase, result: dict[str, Any],
+                       visit: Callable[..., None]) -> None:
+    """Rank 0: `visit` a case another rank scored, from its carried results and its files."""
+    shape = tuple(result["shape"])
+    mask = np.unpackbits(_unpack(result["mask"]), count=int(np.prod(shape))).reshape(shape)
+    unc = (_unpack(result["uncertainty"]).reshape(shape).astype(np.float32) / 255
+           if "uncertainty" in result else None)
+    spacing, opts = segmenter.bundle.model.spacing, segmenter.options
+    img = read_ref(case.image, spacing, spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+    lab = read_ref(case.label, spacing, role="label", spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+    visit(case.case_id, mask=mask, label=lab.array, spacing=img.spacing, affine=img.affine, image=img.array,
+          uncertainty=unc)
 
 
 def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,

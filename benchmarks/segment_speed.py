@@ -35,7 +35,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec, window_starts
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
-from export.verify import random_bundle
+from dtml_export.verify import random_bundle
 
 
 def sync() -> None:
@@ -272,7 +272,7 @@ def main() -> None:
 def _onnx_artifact(bundle: Bundle) -> Path:
     import tempfile
 
-    from export.onnx_export import export_onnx
+    from dtml_export.onnx_export import export_onnx
 
     path = Path(tempfile.mkdtemp()) / "dtml-fp32.onnx"
     export_onnx(bundle, path, precision="fp32")

@@ -14,7 +14,7 @@ import torch
 
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.atomic import atomic_write_text
-from export.bench_rows import PARITY, PASSED
+from dtml_export.bench_rows import PARITY, PASSED
 
 OUTLIER_FACTOR = 1.5  # a timed run longer than this times the median is an outlier
 NO_REAL_CASE = "no real case: agreement not measured"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from export.formats import FORMATS, ArtifactFormat, missing_packages
+from dtml_export.formats import FORMATS, ArtifactFormat, missing_packages
 
 PASSED = "passed"
 PARITY = "exported but failed parity"

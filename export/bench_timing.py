@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from dtml_deploy.segment import Segmenter
-from export.bench_report import OUTLIER_FACTOR, BenchmarkRow
+from dtml_export.bench_report import OUTLIER_FACTOR, BenchmarkRow
 
 
 @dataclass

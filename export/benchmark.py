@@ -29,7 +29,7 @@ from dtml_deploy.io.volume import read_volume
 from dtml_deploy.metrics import agreement
 from dtml_deploy.predictor import Predictor
 from dtml_deploy.segment import Segmenter, case_name
-from export.bench_report import (
+from dtml_export.bench_report import (
     NO_REAL_CASE,
     BenchmarkReport,
     BenchmarkRow,
@@ -41,10 +41,10 @@ from export.bench_report import (
     nothing_timed,
     write_json,
 )
-from export.bench_rows import PARITY, PASSED, ROW_KEYS, ROWS, RowSpec, parse_formats, skip_reason
-from export.bench_timing import Case, Timing, batch_values, fill_timing, record_memory, reset_memory, time_batch
-from export.formats import artifact_path
-from export.pipeline import VerificationFailed, central_patch, export_verified_onnx
+from dtml_export.bench_rows import PARITY, PASSED, ROW_KEYS, ROWS, RowSpec, parse_formats, skip_reason
+from dtml_export.bench_timing import Case, Timing, batch_values, fill_timing, record_memory, reset_memory, time_batch
+from dtml_export.formats import artifact_path
+from dtml_export.pipeline import VerificationFailed, central_patch, export_verified_onnx
 
 RANDOM_SHAPE = (144, 128, 88)
 STATUS_THRESHOLD = 0.99  # agreement below this marks a row "exported but failed parity"
@@ -131,7 +131,7 @@ def _onnx_artifact(ctx: _Context, precision: str) -> tuple[Path, str | None]:
 
 
 def _trt_artifact(ctx: _Context, fp16: bool) -> tuple[Path, str | None]:
-    from export.trt_build import TrtBuildOptions, build_engine, onnx_precision_for
+    from dtml_export.trt_build import TrtBuildOptions, build_engine, onnx_precision_for
 
     src, failure = _onnx_artifact(ctx, onnx_precision_for(fp16))
     engine = artifact_path(ctx.workdir, "trt", "fp16" if fp16 else "fp32")

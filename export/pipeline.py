@@ -26,10 +26,10 @@ from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 from dtml_deploy.version import __version__
-from export.formats import FORMATS, artifact_path
-from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
-from export.trt_build import TrtBuildOptions  # importable without TensorRT
-from export.verify import render_report, verify_onnx
+from dtml_export.formats import FORMATS, artifact_path
+from dtml_export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
+from dtml_export.trt_build import TrtBuildOptions  # importable without TensorRT
+from dtml_export.verify import render_report, verify_onnx
 
 
 class VerificationFailed(DtmlError):
@@ -155,7 +155,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[
     planned = [artifact_path(req.out_dir, "onnx", p) for p in FORMATS["onnx"].precisions]
     if req.trt:
         from dtml_deploy.artifacts import sidecar_path
-        from export.trt_build import onnx_precision_for
+        from dtml_export.trt_build import onnx_precision_for
 
         needed = onnx_precision_for(req.trt_fp16)
         if needed not in precisions:
@@ -180,7 +180,7 @@ def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real:
             echo(res.verification)
         results.append(res)
     if req.trt:
-        from export.trt_build import build_engine, onnx_precision_for
+        from dtml_export.trt_build import build_engine, onnx_precision_for
 
         src = onnx_paths[onnx_precision_for(req.trt_fp16)]
         engine = artifact_path(req.out_dir, "trt", "fp16" if req.trt_fp16 else "fp32")

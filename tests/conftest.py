@@ -9,7 +9,7 @@ import pytest
 
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.io.datasets import find_la2018
-from export.verify import random_bundle
+from dtml_export.verify import random_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "la_sample"  # 3 real LA cases, cropped to 80x72x56, shipped in git

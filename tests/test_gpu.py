@@ -74,8 +74,8 @@ def test_slabs_on_gpu_equal_full(case):
 def test_training_steps_on_gpu(sample_root, tmp_path, amp):
     from dtml_deploy.bundle import Bundle
     from dtml_deploy.io.datasets import make_split, open_source
-    from training.recipes import recipe
-    from training.trainer import Trainer
+    from dtml_training.recipes import recipe
+    from dtml_training.trainer import Trainer
 
     cfg = recipe("dtml", labeled=1, labeled_bs=1, iterations=4, n_filters=4, patch=(32, 32, 32), amp=amp,
                  workers=2, checkpoint_every=0, device="cuda")

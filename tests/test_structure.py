@@ -79,3 +79,36 @@ def test_no_import_cycles() -> None:
     grimp = pytest.importorskip("grimp")
     graph = grimp.build_graph("dtml_deploy", "training", "export", exclude_type_checking_imports=True)
     assert _cycles(graph, set(graph.modules)) == []
+
+
+def _packages() -> list[str]:
+    """The packages `pip install dtml` puts into site-packages: setuptools' own search with pyproject's
+    patterns (the wheel holds exactly these: dtml_deploy, dtml_export and dtml_training at the top)."""
+    from setuptools import find_packages
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    return find_packages(str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+
+
+def test_installing_puts_no_bare_training_or_export_package_into_site_packages() -> None:
+    packages = _packages()
+    assert {p.split(".")[0] for p in packages} == {"dtml_deploy", "dtml_training", "dtml_export"}
+    # every package folder of training/ and export/ is installed under its dtml name
+    for folder, name in (("training", "dtml_training"), ("export", "dtml_export")):
+        subs = {str(p.parent.relative_to(REPO / folder)).replace("/", ".")
+                for p in (REPO / folder).rglob("__init__.py")}
+        assert {name if s == "." else f"{name}.{s}" for s in subs} <= set(packages)
+
+
+def test_nothing_imports_training_or_export_by_their_folder_names() -> None:
+    """Installed, only dtml_training and dtml_export exist; a bare `import training` would find a user's."""
+    bare = []
+    for path in [*_sources(), *sorted((REPO / "tests").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bare += [f"{path.relative_to(REPO)}:{node.lineno}" for n in names
+                     if n.split(".")[0] in ("training", "export")]
+    assert not bare, "import dtml_training / dtml_export instead: " + ", ".join(bare)

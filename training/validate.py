@@ -11,7 +11,7 @@ from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.metrics import dice
 from dtml_deploy.nets.dual import DualTaskNet
 from dtml_deploy.predictor import Predictor
-from training.data.cache import load_image, load_label
+from dtml_training.data.cache import load_image, load_label
 
 
 def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase, ...],

@@ -18,7 +18,7 @@ from dtml_deploy.cli.common import (
     require_viz,
     user_errors,
 )
-from export.benchmark import BenchmarkRequest
+from dtml_export.benchmark import BenchmarkRequest
 
 
 def _default(name: str) -> Any:
@@ -67,7 +67,7 @@ def benchmark(
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with user_errors():
         from dtml_deploy.io.reports import check_report_path
-        from export import benchmark as bench
+        from dtml_export import benchmark as bench
 
         for path, what in ((json_out, "the JSON report"), (plot, "the chart")):
             if path is not None:  # refused before minutes of timing, not after

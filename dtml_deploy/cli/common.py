@@ -227,7 +227,7 @@ def load_predictor(model: Path | None, settings: PredictorSettings, ranks: Ranks
     """The Predictor of a command: --model (or the shipped model), settings resolved once; an ONNX run
     without --artifact finds (or makes, once) its cached, verified graph (export/, which the CLI may import)."""
     from dtml_deploy.predictor import Predictor
-    from export.pipeline import cached_onnx
+    from dtml_export.pipeline import cached_onnx
 
     def exporter(bundle: Any, folder: Path, precision: str) -> Path:
         return cached_onnx(bundle, folder, precision, echo_err if ranks.is_main else (lambda _: None))

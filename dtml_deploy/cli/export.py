@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from dtml_deploy.cli.common import ModelOpt, PrecisionName, bundle_path, default_of, user_errors
-from export.pipeline import ExportRequest
+from dtml_export.pipeline import ExportRequest
 
 ONNX_PRECISIONS = ("fp32", "fp16")
 
@@ -44,7 +44,7 @@ def export_cmd(
 ) -> None:
     """Export a bundle to verified ONNX (fp32/fp16) and, with --trt, a TensorRT engine + sidecar."""
     with user_errors():
-        from export.pipeline import run_export
+        from dtml_export.pipeline import run_export
 
         if trt_precision.value not in ONNX_PRECISIONS:
             raise ValueError("--trt-precision must be fp16 or fp32")

@@ -17,7 +17,7 @@ def plot(
 ) -> None:
     """Redraw a run's training curves from its log, also while it is still training (needs dtml[viz])."""
     with user_errors():
-        from training.run_visuals import draw_curves
+        from dtml_training.run_visuals import draw_curves
 
         require_viz("dtml plot")
         typer.echo(str(draw_curves(run_dir, output)))

@@ -21,10 +21,10 @@ from dtml_deploy.protocol import DTML, InferenceProtocol
 from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.segment import SegmentOptions
 from dtml_deploy.settings import ROUTES, PredictorSettings
-from export.benchmark import BenchmarkRequest
-from export.pipeline import ExportRequest
-from training.config import NOT_OPTIONS, OPTION_HELP, TrainConfig
-from training.losses import ConsistencyConfig
+from dtml_export.benchmark import BenchmarkRequest
+from dtml_export.pipeline import ExportRequest
+from dtml_training.config import NOT_OPTIONS, OPTION_HELP, TrainConfig
+from dtml_training.losses import ConsistencyConfig
 
 # (core class, field) each option sets, per command; the option name when it differs from the field.
 # Each option sets the field of that name (or of its FLAG_NAMES name) in the one part of the settings tree
@@ -129,7 +129,7 @@ def test_choices_are_the_core_tuples() -> None:
     from dtml_deploy.engine.sliding import HEADS
     from dtml_deploy.intensity import POLICIES
     from dtml_deploy.io.formats import OUTPUT_FORMATS
-    from training.recipes import RECIPES
+    from dtml_training.recipes import RECIPES
 
     seg = {p.name: p for p in _commands()["segment"].params}
     expect = {"backend": BACKENDS, "precision": PRECISIONS, "blend": BLENDS, "head": HEADS, "intensity": POLICIES,

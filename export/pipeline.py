@@ -191,6 +191,14 @@ def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real:
     return results
 
 
+def library_exporter(bundle: Bundle, bundle_dir: Path, precision: str) -> Path:
+    """`cached_onnx` for the Python API (`dtml_deploy.Predictor`): its notes go to the `dtml` logger,
+    not to the console."""
+    import logging
+
+    return cached_onnx(bundle, bundle_dir, precision, logging.getLogger("dtml").info)
+
+
 def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable[[str], None] = print) -> Path:
     """The verified ONNX export of `bundle` (loaded from `bundle_dir`) in the user cache, exported on first use.
 

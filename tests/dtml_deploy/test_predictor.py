@@ -136,3 +136,20 @@ def test_onnx_without_an_artifact_asks_the_exporter(case: tuple[Path, Path]) -> 
     with pytest.raises(DtmlError, match="exporter reached"):
         Predictor.load(bundle, backend="onnx", device="cpu", exporter=exporter)
     assert asked == [(bundle, "fp32")]
+
+
+def test_the_declared_exporter_is_the_clis_cache_without_printing() -> None:
+    """pyproject declares the exporter an installed dtml's Predictor finds (entry point dtml.exporters)."""
+    import importlib
+    import inspect
+
+    import tomllib
+
+    from dtml_deploy.predictor import EXPORTER_ENTRY_POINT
+
+    group, name = EXPORTER_ENTRY_POINT
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    target = tomllib.loads(text)["project"]["entry-points"][group][name]
+    module, attr = target.split(":")
+    fn = getattr(importlib.import_module(module), attr)
+    assert list(inspect.signature(fn).parameters) == ["bundle", "bundle_dir", "precision"]

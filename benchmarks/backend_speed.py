@@ -35,7 +35,7 @@ from dtml_deploy.artifacts import FORMATS
 from dtml_deploy.backends.base import BackendOptions, create_backend
 from dtml_export.formats import artifact_path, missing_packages
 from dtml_export.onnx_export import export_onnx_info
-from dtml_export.verify import random_bundle
+from tests.bundles import random_bundle
 
 OUTPUTS = ("p_seg", "p_dis")
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/bundles.py
 from common import find_data, machine, table
 from reference import reference_sliding_window
 
@@ -35,7 +36,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec, window_starts
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
-from dtml_export.verify import random_bundle
+from tests.bundles import random_bundle
 
 
 def sync() -> None:

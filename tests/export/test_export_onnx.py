@@ -31,7 +31,8 @@ from dtml_deploy.backends.onnx_backend import OnnxBackend  # noqa: E402
 from dtml_deploy.errors import BackendUnavailable, BundleError  # noqa: E402
 from dtml_export.formats import artifact_path  # noqa: E402
 from dtml_export.onnx_export import export_onnx, export_onnx_info  # noqa: E402
-from dtml_export.verify import random_bundle, reference_outputs, render_report, tolerance, verify_onnx  # noqa: E402
+from dtml_export.verify import reference_outputs, render_report, tolerance, verify_onnx  # noqa: E402
+from tests.bundles import random_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = (32, 32, 32)

@@ -17,7 +17,8 @@ from dtml_deploy.backends import BackendOptions, create_backend
 from dtml_deploy.backends.trt_backend import TrtBackend
 from dtml_deploy.errors import BackendUnavailable, BundleError, DtmlError
 from dtml_export import trt_build
-from dtml_export.verify import random_bundle, reference_outputs
+from dtml_export.verify import reference_outputs
+from tests.bundles import random_bundle
 
 PATCH = (32, 32, 32)
 

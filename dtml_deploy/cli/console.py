@@ -16,6 +16,16 @@ from dtml_deploy.qc import warning_line
 from dtml_deploy.segment import CaseReport
 
 
+def opening_lines(predictor: Predictor, what: str, precision_chosen: bool) -> list[str]:
+    """What a run does and where it runs (`what` with ' with BACKEND' or ' on N ranks ...'), then the CPU's
+    bf16 tip or warning when there is one: how `segment` and `evaluate --model` open."""
+    from dtml_deploy.backends.torch_backend import cpu_precision_note
+
+    backend = predictor.segmenter.backend
+    note = cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen)
+    return [f"{what}{predictor.ranks.running(predictor.describe())}", *([note] if note else [])]
+
+
 def case_lines(rep: CaseReport, name: str, model_spacing: tuple[float, float, float]) -> list[str]:
     """The console lines of one finished case (its result, a resampling note, a QC warning)."""
     if rep.status != "ok":

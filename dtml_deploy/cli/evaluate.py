@@ -57,7 +57,7 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
                       shard: ShardSettings) -> tuple[list[dict], dict[str, object]] | None:
     """Segment the listed cases of a data root with a bundle and score them; rows and the run's record.
     Under torchrun the cases are shared among the ranks; rank 0 gets every row, the others None."""
-    from dtml_deploy.backends.torch_backend import cpu_precision_note
+    from dtml_deploy.cli.console import opening_lines
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
     from dtml_deploy.ranks import Ranks
@@ -67,11 +67,8 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     ranks = Ranks.from_env()
     predictor = load_predictor(model, predictor_settings(qc=True, **options), ranks)
     if ranks.is_main:
-        typer.echo(f"segmenting {len(ids)} cases{ranks.running(predictor.describe())}", err=True)
-        backend = predictor.segmenter.backend
-        note = cpu_precision_note(backend.name, backend.device, str(backend.options.precision), True)
-        if note:
-            typer.echo(note, err=True)
+        for line in opening_lines(predictor, f"segmenting {len(ids)} cases", precision_chosen=True):
+            typer.echo(line, err=True)
     done: list[str] = []
     rows = score_model(predictor, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))

@@ -136,16 +136,12 @@ def run_job(predictor: Predictor, job: SegmentJob, ranks: Ranks, shard: ShardSet
             precision_chosen: bool) -> list[CaseReport] | None:
     """Segment the job's inputs with the console's events; rank 0 prints the summary lines and writes the
     JSON report, and returns the reports (the other ranks None)."""
-    from dtml_deploy.backends.torch_backend import cpu_precision_note
-    from dtml_deploy.cli.console import ConsoleEvents
+    from dtml_deploy.cli.console import ConsoleEvents, opening_lines
     from dtml_deploy.io.reports import write_report_text
 
     with ConsoleEvents(predictor, job.progress) as events:
-        events.say(f"dtml: {len(job.inputs)} scan(s){ranks.running(predictor.describe())}")
-        backend = predictor.segmenter.backend
-        note = cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen)
-        if note:
-            events.say(note)
+        for line in opening_lines(predictor, f"dtml: {len(job.inputs)} scan(s)", precision_chosen):
+            events.say(line)
         reports = predictor.segment_files(job.inputs, job.output, job.overwrite, events, shard)
     if reports is None:
         return None

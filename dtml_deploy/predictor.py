@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.backends.base import create_backend
+from dtml_deploy.backends.base import Backend, create_backend
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, InputError
 from dtml_deploy.io.volume import Volume
+from dtml_deploy.protocol import PROTOCOL_SETTINGS, resolve_protocol
 from dtml_deploy.qc import QCResult
 from dtml_deploy.ranks import Ranks, ShardSettings
 from dtml_deploy.segment import CaseReport, Segmentation, Segmenter, fill_report
-from dtml_deploy.settings import PredictorSettings
+from dtml_deploy.settings import ROUTES, PredictorSettings, engine_for
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 # Makes the ONNX graph a run without an artifact needs: (bundle, bundle folder, precision) -> its path.
@@ -95,10 +96,12 @@ class Predictor:
     """A bundle, a backend and the resolved settings, ready to segment scans, arrays and batches."""
 
     def __init__(self, bundle: Bundle, settings: PredictorSettings, model: Path | None = None,
-                 ranks: Ranks = Ranks()) -> None:
-        """`settings` must be resolved for `bundle` (`PredictorSettings.resolve`); use `Predictor.load`."""
+                 ranks: Ranks = Ranks(), backend: Backend | None = None) -> None:
+        """`settings` must be resolved for `bundle` (`PredictorSettings.resolve`); use `Predictor.load`.
+        `backend`: one already made for these settings (a server's backend shared by its jobs)."""
         self.bundle, self.settings, self.model, self.ranks = bundle, settings, model, ranks
-        backend = create_backend(settings.backend, bundle, settings.runtime, settings.engine.channels)
+        if backend is None:
+            backend = create_backend(settings.backend, bundle, settings.runtime, settings.engine.channels)
         self.segmenter = Segmenter(bundle, backend, settings.segment)
 
     @classmethod
@@ -123,6 +126,26 @@ class Predictor:
             graph = (exporter or installed_exporter())(bundle, folder, str(settings.runtime.precision))
             settings = replace(settings, runtime=replace(settings.runtime, artifact=graph))
         return cls(bundle, settings, folder, ranks)
+
+    def with_settings(self, **given: Any) -> Predictor:
+        """A Predictor on this one's loaded backend with other segmentation settings (`head=`, `tta=`,
+        `overlap=`, `keep_prob=`, `preview=`, `output_format=`, ...): what a server gives each job. What
+        the backend was made with (backend, device, precision, batch, artifact, protocol) stays; a setting
+        that needs a network output this backend does not compute is refused."""
+        fixed = sorted(k for k in given if k in ("backend", "protocol") or ROUTES.get(k) == ("runtime",))
+        if fixed:
+            raise ValueError(f"{fixed[0]} is fixed when the model is loaded; load another Predictor to change it")
+        given = {k: v for k, v in given.items() if v is not None}
+        resolve_protocol(self.settings.protocol, **{k: given[k] for k in PROTOCOL_SETTINGS if k in given})
+        settings = self.settings.with_values(**given)
+        settings = replace(settings, segment=replace(settings.segment, engine=engine_for(settings.engine,
+                                                                                         self.bundle)))
+        backend = self.segmenter.backend
+        missing = [c for c in settings.engine.channels if c not in backend.outputs]
+        if missing:
+            raise ValueError(f"these settings need the network outputs {missing}, which this model was not "
+                             f"loaded to compute; load it with them")
+        return Predictor(self.bundle, settings, self.model, self.ranks, backend)
 
     def describe(self) -> str:
         """What actually runs (backend, device, precision, batch, extras)."""

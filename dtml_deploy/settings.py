@@ -11,7 +11,7 @@ single-network bundle has); everything below receives the resolved tree and reso
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from dtml_deploy.backend_choice import resolve_backend
@@ -40,9 +40,10 @@ class PredictorSettings:
     runtime: BackendOptions = field(default_factory=BackendOptions)  # device, precision, batch, artifact
 
     @classmethod
-    def build(cls, protocol: str = DTML.name, **given: Any) -> PredictorSettings:
+    def build(cls, protocol: str | None = DTML.name, **given: Any) -> PredictorSettings:
         """Settings from keywords named as the parts' fields (`head=`, `device=`, `overlap=`, `max_windows=`,
         ...); None means "the default". The protocol's settings are resolved with the ones given."""
+        protocol = protocol or DTML.name
         given = {k: v for k, v in given.items() if v is not None}
         unknown = sorted(set(given) - set(ROUTES) - {"backend"})
         if unknown:
@@ -76,10 +77,10 @@ class PredictorSettings:
             name = auto_backend(replace(rt, device=device))
         runtime = replace(rt, device=device).resolved(name)
         return replace(self, backend=name, runtime=runtime,
-                       segment=replace(self.segment, engine=_engine_for(self.engine, bundle)))
+                       segment=replace(self.segment, engine=engine_for(self.engine, bundle)))
 
 
-def _engine_for(cfg: EngineConfig, bundle: Bundle) -> EngineConfig:
+def engine_for(cfg: EngineConfig, bundle: Bundle) -> EngineConfig:
     """`cfg` for the networks `bundle` trained: a single-network bundle has one head, no QC, no uncertainty."""
     trained = (bundle.meta.get("training") or {}).get("trained", ["seg", "dis"])
     both = "seg" in trained and "dis" in trained
@@ -110,9 +111,7 @@ def _routes() -> dict[str, tuple[str, ...]]:
 def _set(node: Any, path: tuple[str, ...], value: Any) -> Any:
     if len(path) == 1:
         return replace(node, **{path[0]: tuple(value) if isinstance(value, list) else value})
-    child = getattr(node, path[0])
-    assert is_dataclass(child)
-    return replace(node, **{path[0]: _set(child, path[1:], value)})
+    return replace(node, **{path[0]: _set(getattr(node, path[0]), path[1:], value)})
 
 
 ROUTES = _routes()

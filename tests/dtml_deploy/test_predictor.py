@@ -153,3 +153,21 @@ def test_the_declared_exporter_is_the_clis_cache_without_printing() -> None:
     module, attr = target.split(":")
     fn = getattr(importlib.import_module(module), attr)
     assert list(inspect.signature(fn).parameters) == ["bundle", "bundle_dir", "precision"]
+
+
+def test_with_settings_shares_the_backend_and_gives_the_masks_of_a_fresh_load(case: tuple[Path, Path]) -> None:
+    """What a server gives each job: other segmentation settings on the loaded backend, same masks as a
+    Predictor loaded with them; backend settings and outputs the backend lacks are refused."""
+    bundle, scan = case
+    base = Predictor.load(bundle, device="cpu", qc=False, head="seg")
+    job = base.with_settings(overlap=0.25, tta=True)
+    assert job.segmenter.backend is base.segmenter.backend
+    fresh = Predictor.load(bundle, device="cpu", qc=False, head="seg", overlap=0.25, tta=True)
+    np.testing.assert_array_equal(job.segment(scan).mask, fresh.segment(scan).mask)
+    with pytest.raises(ValueError, match="precision is fixed when the model is loaded"):
+        base.with_settings(precision="bf16")
+    with pytest.raises(ValueError, match="need the network outputs"):
+        base.with_settings(head="mean")
+    paper = Predictor.load(bundle, device="cpu", protocol="paper")
+    with pytest.raises(ValueError, match="--protocol paper uses --head seg"):
+        paper.with_settings(head="sdm")

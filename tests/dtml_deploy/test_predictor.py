@@ -31,17 +31,24 @@ def case(sample_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return bundle, scan
 
 
-SETTINGS = {"backend": "torch", "device": "cpu", "head": "seg", "overlap": 0.25, "tta": True}
+SETTINGS = {"backend": "torch", "device": "cpu", "head": "seg", "overlap": 0.25, "qc": False}
 
 
-def test_mask_equals_the_clis_for_the_same_input_and_settings(case: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def predictor(case: tuple[Path, Path]) -> Predictor:
+    return Predictor.load(case[0], **SETTINGS)
+
+
+@pytest.mark.slow
+def test_mask_equals_the_clis_for_the_same_input_and_settings(case: tuple[Path, Path], predictor: Predictor,
+                                                               tmp_path: Path) -> None:
     bundle, scan = case
     out = tmp_path / "cli"
     res = CliRunner().invoke(app, ["segment", str(scan), "-o", str(out), "--model", str(bundle), "--backend", "torch",
-                                   "--device", "cpu", "--head", "seg", "--overlap", "0.25", "--tta", "--no-progress"])
+                                   "--device", "cpu", "--head", "seg", "--overlap", "0.25", "--no-qc", "--no-progress"])
     assert res.exit_code == 0, res.output
     cli = nib.load(str(out / "scan.nii.gz"))
-    r = Predictor.load(bundle, **SETTINGS).segment(scan)
+    r = predictor.segment(scan)
     assert 0 < r.mask.sum() < r.mask.size  # a mask with both classes, so equality means something
     np.testing.assert_array_equal(r.mask, np.asarray(cli.dataobj))
     written = r.save(tmp_path / "api")
@@ -49,12 +56,13 @@ def test_mask_equals_the_clis_for_the_same_input_and_settings(case: tuple[Path, 
     assert written == [tmp_path / "api" / "scan.nii.gz"]
 
 
-def test_an_array_with_its_affine_gives_the_files_mask(case: tuple[Path, Path], tmp_path: Path) -> None:
-    bundle, scan = case
-    p = Predictor.load(bundle, **SETTINGS)
+@pytest.mark.slow
+def test_an_array_with_its_affine_gives_the_files_mask(case: tuple[Path, Path], predictor: Predictor,
+                                                       tmp_path: Path) -> None:
+    _, scan = case
     img = nib.load(str(scan))
-    from_file = p.segment(scan)
-    from_array = p.segment(img.get_fdata(dtype=np.float32), affine=img.affine)
+    from_file = predictor.segment(scan)
+    from_array = predictor.segment(img.get_fdata(dtype=np.float32), affine=img.affine)
     np.testing.assert_array_equal(from_array.mask, from_file.mask)
     assert from_array.report["status"] == "ok" and from_array.report["windows"] == from_file.report["windows"]
     (mask,) = from_array.save(tmp_path / "m.nii.gz")
@@ -99,15 +107,15 @@ def test_bad_settings_are_the_clis_one_line_errors(case: tuple[Path, Path], give
     ({"spacing": (1.0, 0.0, 1.0)}, "spacing"),
     ({"affine": np.eye(3)}, "affine must be 4x4"),
 ])
-def test_an_array_without_usable_geometry_is_refused(case: tuple[Path, Path], kwargs: dict, message: str) -> None:
-    bundle, _ = case
+def test_an_array_without_usable_geometry_is_refused(predictor: Predictor, kwargs: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
-        Predictor.load(bundle, device="cpu").segment(np.zeros((40, 40, 40), np.float32), **kwargs)
+        predictor.segment(np.zeros((40, 40, 40), np.float32), **kwargs)
 
 
+@pytest.mark.slow
 def test_segment_files_keeps_good_cases_reports_events_and_never_prints(
-        case: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bundle, scan = case
+        case: tuple[Path, Path], predictor: Predictor, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, scan = case
     bad = tmp_path / "bad.nii.gz"
     bad.write_bytes(b"not a nifti")
     seen: list[tuple[str, str]] = []
@@ -116,7 +124,7 @@ def test_segment_files_keeps_good_cases_reports_events_and_never_prints(
         def case_finished(self, index: int, name: str, report: CaseReport) -> None:
             seen.append((name, report.status))
 
-    reports = Predictor.load(bundle, device="cpu").segment_files([scan, bad], tmp_path / "out", progress=Events())
+    reports = predictor.segment_files([scan, bad], tmp_path / "out", progress=Events())
     assert reports is not None and [r.status for r in reports] == ["ok", "failed"]
     assert seen == [("scan", "ok"), ("bad", "failed")]
     assert reports[1].error is not None and str(bad) in reports[1].error
@@ -155,15 +163,16 @@ def test_the_declared_exporter_is_the_clis_cache_without_printing() -> None:
     assert list(inspect.signature(fn).parameters) == ["bundle", "bundle_dir", "precision"]
 
 
-def test_with_settings_shares_the_backend_and_gives_the_masks_of_a_fresh_load(case: tuple[Path, Path]) -> None:
+@pytest.mark.slow
+def test_with_settings_shares_the_backend_and_gives_the_masks_of_a_fresh_load(case: tuple[Path, Path],
+                                                                              predictor: Predictor) -> None:
     """What a server gives each job: other segmentation settings on the loaded backend, same masks as a
     Predictor loaded with them; backend settings and outputs the backend lacks are refused."""
     bundle, scan = case
     base = Predictor.load(bundle, device="cpu", qc=False, head="seg")
-    job = base.with_settings(overlap=0.25, tta=True)
+    job = base.with_settings(overlap=0.25)
     assert job.segmenter.backend is base.segmenter.backend
-    fresh = Predictor.load(bundle, device="cpu", qc=False, head="seg", overlap=0.25, tta=True)
-    np.testing.assert_array_equal(job.segment(scan).mask, fresh.segment(scan).mask)
+    np.testing.assert_array_equal(job.segment(scan).mask, predictor.segment(scan).mask)
     with pytest.raises(ValueError, match="precision is fixed when the model is loaded"):
         base.with_settings(precision="bf16")
     with pytest.raises(ValueError, match="need the network outputs"):

@@ -105,17 +105,21 @@ def head_tta_protocol_table(doc: dict, gpu: dict | None) -> str:
 
 
 def qc_table(doc: dict) -> str:
-    """The QC score's AUROC and its threshold's precision and recall on the calibration cases."""
+    """The QC score's AUROC, and its threshold's precision and recall: held out (leave-one-out, each case
+    flagged by a scale and threshold fitted on the other 63) and in-sample (the shipped threshold)."""
     qc = doc["qc"]
     lines = [f"QC score on {doc['calibrated_on']}; agreement part from `{qc['feature']}`, threshold "
-             f"{qc['threshold']}:", "",
-             "| failure | failures | AUROC | flagged | true positives | precision | recall |",
-             "|---|---|---|---|---|---|---|"]
-    for key, at in qc["at_threshold"].items():
-        prec = "" if at["precision"] is None else f"{at['precision']:.2f}"
-        rec = "" if at["recall"] is None else f"{at['recall']:.2f}"
-        lines.append(f"| {key.replace('dice', 'Dice ')} | {at['failures']} | {fmt(qc['auroc'][key], 3)} | "
-                     f"{at['flagged']} | {at['true_positives']} | {prec} | {rec} |")
+             f"{qc['threshold']} ({qc.get('rule', 'tuned for F1')}):", "",
+             "| failure | failures | AUROC | decisions | flagged | true positives | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [("held out (leave-one-out)", qc["cross_validated"])] if "cross_validated" in qc else []
+    for name, table in [*rows, ("in-sample (shipped threshold)", qc["at_threshold"])]:
+        for key in qc["auroc"]:
+            at = table[key]
+            prec = "" if at["precision"] is None else f"{at['precision']:.2f}"
+            rec = "" if at["recall"] is None else f"{at['recall']:.2f}"
+            lines.append(f"| {key.replace('dice', 'Dice ')} | {at['failures']} | {fmt(qc['auroc'][key], 3)} | {name} | "
+                         f"{at['flagged']} | {at['true_positives']} | {prec} | {rec} |")
     feats = ", ".join(f"{k} {fmt(v['dice<0.85'], 2)}" for k, v in doc["feature_auroc"].items())
     return "\n".join([*lines, "", f"AUROC of single features for Dice < 0.85: {feats}."])
 

@@ -26,7 +26,6 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ import numpy as np
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.io.extent import voxel_estimate
+from dtml_deploy.io.geometry import GridTolerance
 from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
@@ -55,14 +55,6 @@ def _binary(array: np.ndarray, path: Path) -> np.ndarray:
     if not np.isin(values, (0.0, 1.0)).all():
         raise InputError(f"{path}: mask is not binary (values {values[:6].tolist()})")
     return array > 0.5
-
-
-@dataclass(frozen=True)
-class GridTolerance:
-    """How far a prediction's grid may be from its label's and still be scored voxel by voxel."""
-
-    translation_mm: float = 1e-3  # origin (affine column 4)
-    rtol: float = 1e-4  # voxel axes (affine 3x3 part), relative to its largest entry
 
 
 def grid_mismatch(pred: Volume, gt: Volume, tol: GridTolerance = GridTolerance(),
@@ -142,11 +134,12 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
             bad = grid_mismatch(pv, gv, check_affine=not ignore_geometry)
             if bad:
                 raise InputError(f"{p}: not on the label's grid ({gts[name]}): {bad}")
-            rows.append(_score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name))
+            row = _score(_binary(pv.array, p), _binary(gv.array, gts[name]), gv.spacing, name)
             if gv.guessed:
-                rows[-1]["geometry_guessed"] = ",".join(gv.guessed)
+                row["geometry_guessed"] = ",".join(gv.guessed)
             if visit is not None:
                 visit(name, mask=pv.array, label=gv.array, spacing=gv.spacing, affine=gv.affine)
+            rows.append(row)  # only now: a case whose thumbnail fails is one failed row, not two rows
         except Exception as e:  # one case never stops the others
             rows.append(_failed(name, case_error(p, e)))
     return rows, unscored
@@ -174,7 +167,10 @@ def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
 
     def on_result(i: int, result: dict[str, Any]) -> None:  # rank 0 only
         if carry and "mask" in result:
-            _visit_from_result(segmenter, cases[i], result, visit)  # type: ignore[arg-type]
+            try:
+                _visit_from_result(segmenter, cases[i], result, visit)  # type: ignore[arg-type]
+            except Exception as e:  # a case whose thumbnail fails is one failed row, as in one process
+                result["row"] = _failed(cases[i].case_id, case_error(cases[i].image.path, e))
         if progress is not None:
             progress(cases[i].case_id)
 
@@ -239,6 +235,8 @@ def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,
         row.update(seconds=round(seconds, 4), windows=seg.windows, agreement=seg.agreement)
         if img.guessed:
             row["geometry_guessed"] = ",".join(img.guessed)
+        if seg.warnings:  # a cropped raw scan (dtml_deploy/fov.py)
+            row["warnings"] = "; ".join(seg.warnings)
         if seg.qc is not None:
             row.update(qc_score=seg.qc.score, qc_threshold=seg.qc.threshold, qc_flagged=seg.qc.flagged,
                        **{f"qc_{k}": v for k, v in seg.qc.parts.items()})

@@ -4,18 +4,21 @@ The score is a product of parts, each 1.0 for a case that looks like the model's
 towards 0 the further it is from them:
 
 - `agreement`: how well the two heads (M_s and M_d, two different tasks) agree near the mask's boundary,
-  mapped so that the calibration's typical good case scores 1 (see `QCReference.agreement_scale`);
+  mapped so that the calibration's best case scores 1 (see `QCReference.agreement_scale`);
 - `volume`: the mask's volume against the range of the training labels' volumes, with a factor 2 of
   slack either side (an empty mask scores 0);
 - `intensity`: the input's intensity profile against the training scans': the shape of its histogram
   (standardised, so scanner scaling does not matter), the share of voxels in one value (air, an empty
   background) and the smoothness of neighbouring voxels (noise has none), each with slack beyond the
-  training scans' extreme (1.5x; 3x for smoothness). A CT, a cine frame or noise lies far outside.
+  training scans' extreme (1.5x; 3x for smoothness). A CT, a cine frame or noise lies far outside. A raw
+  scan z-scored here whose field of view is far smaller than a whole acquisition (cropped before dtml saw
+  it) scores its in-plane extent over 200 mm at most (dtml_deploy/fov.py).
 
 The reference statistics (label volumes, intensity quantiles) come from the bundle's labeled training
-cases and travel in its config.json under `qc`; the threshold was tuned on a calibration set (the
-developers' 64 unlabeled LA cases, benchmarks/qc_calibration.py). Features that the score does not use
-are reported too, so a report can be recalibrated without re-running the networks.
+cases and travel in its config.json under `qc`; the threshold was picked for recall on a calibration set
+(the developers' 64 unlabeled LA cases, checked by leave-one-out: benchmarks/qc_calibration.py). Features
+that the score does not use are reported too, so a report can be recalibrated without re-running the
+networks.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import numpy as np
 from scipy import ndimage
 
 from dtml_deploy.engine.postprocess import largest_component
-from dtml_deploy.qc_reference import QCReference
+from dtml_deploy.fov import fov_part
+from dtml_deploy.qc_reference import QUANTILES, QCReference
+from dtml_deploy.qc_reference import reference_of as reference_of  # re-exported for the QC's callers
 
-# Quantiles of the standardised intensity histogram that describe its shape.
-QUANTILES: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 BAND = 3  # voxels on each side of the mask's surface that make up the boundary band
 
 
@@ -139,9 +142,10 @@ def head_features(p_seg: np.ndarray, p_dis: np.ndarray, mask: np.ndarray, raw_ma
 
 def case_features(image: np.ndarray, p_seg: np.ndarray, p_dis: np.ndarray, head: str, threshold: float = 0.5,
                   spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), lcc: bool = True,
-                  tta_spread: np.ndarray | None = None,
-                  reference: QCReference | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """The final mask of `head` from both heads' maps, and every QC feature (on the network's grid)."""
+                  tta_spread: np.ndarray | None = None, reference: QCReference | None = None,
+                  intensity: str | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """The final mask of `head` from both heads' maps, and every QC feature (on the network's grid);
+    `intensity` is what intensity.prepare did to the scan ('zscore' makes a small field of view count)."""
     prob = {"seg": p_seg, "sdm": p_dis}.get(head)
     prob = 0.5 * (p_seg + p_dis) if prob is None else prob
     raw = (prob > threshold).astype(np.uint8)
@@ -150,6 +154,7 @@ def case_features(image: np.ndarray, p_seg: np.ndarray, p_dis: np.ndarray, head:
     f["volume_ml"] = float(mask.sum()) * float(np.prod(spacing)) / 1000.0
     if reference is not None:
         f.update(intensity_features(image, reference))
+        f["fov_part"] = fov_part(image.shape, spacing, intensity)
     return mask, f
 
 
@@ -178,22 +183,17 @@ def score(features: Mapping[str, float], ref: QCReference) -> QCResult:
         parts["intensity"] = min(
             _within(features["intensity_distance"], INTENSITY_SLACK * ref.intensity_distance),
             _within(features["intensity_point_mass"], INTENSITY_SLACK * ref.point_mass),
-            _within(1.0 - features["intensity_smoothness"], SMOOTHNESS_SLACK * (1.0 - ref.smoothness)))
+            _within(1.0 - features["intensity_smoothness"], SMOOTHNESS_SLACK * (1.0 - ref.smoothness)),
+            features.get("fov_part", 1.0))  # a raw scan cropped before it was z-scored (dtml_deploy/fov.py)
     return QCResult(score=float(np.prod(list(parts.values()))), parts=parts, features=dict(features),
                     threshold=ref.threshold)
 
 
-def reference_of(meta: Mapping[str, Any]) -> QCReference | None:
-    """A bundle's calibrated QC reference (its config.json's `qc`), or None for a bundle without one."""
-    d = meta.get("qc")
-    return QCReference.from_dict(d) if d else None
-
-
 def assess(image: np.ndarray, p_seg: np.ndarray, p_dis: np.ndarray, head: str, ref: QCReference,
            threshold: float = 0.5, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), lcc: bool = True,
-           tta_spread: np.ndarray | None = None) -> QCResult:
+           tta_spread: np.ndarray | None = None, intensity: str | None = None) -> QCResult:
     """The QC score of one case from the network input and both heads' maps (on the network's grid)."""
-    _, feats = case_features(image, p_seg, p_dis, head, threshold, spacing, lcc, tta_spread, ref)
+    _, feats = case_features(image, p_seg, p_dis, head, threshold, spacing, lcc, tta_spread, ref, intensity)
     return score(feats, ref)
 
 

@@ -31,6 +31,7 @@ from datetime import timedelta
 from typing import Any
 
 from dtml_deploy.errors import DtmlError
+from dtml_deploy.launch import mark_job_stopped
 
 MAX_TIMEOUT_S = 30 * 24 * 3600.0  # a month: longer is a typo, not a plan
 Result = dict[str, Any]  # JSON-able: it travels through the store
@@ -100,6 +101,13 @@ class JobStopped(BaseException):
 
 class RankLost(DtmlError):
     """Another rank stopped answering."""
+
+
+def _lost(message: str) -> RankLost:
+    """RankLost, and this rank's exit marked as the end of the job: under dtml-torchrun it must exit
+    non-zero so that torchrun stops the rank that hangs (dtml_deploy/launch.py)."""
+    mark_job_stopped()
+    return RankLost(message)
 
 
 def balanced_shards(sizes: Sequence[int], world_size: int) -> list[list[int]]:
@@ -186,7 +194,7 @@ class _Board:
         try:
             self.store.wait(["plan"], timedelta(seconds=self.settings.stall_timeout_s))
         except (RuntimeError, dist.DistStoreError) as e:  # rank 0 never got as far as the plan
-            raise RankLost(f"rank {self.ranks.rank}: no plan from rank 0 ({str(e).splitlines()[0]})") from None
+            raise _lost(f"rank {self.ranks.rank}: no plan from rank 0 ({str(e).splitlines()[0]})") from None
         plan = json.loads(self.store.get("plan"))
         if plan["digest"] != digest:
             raise DtmlError(f"rank {self.ranks.rank} sees other inputs than rank 0 (is the input folder the same "
@@ -229,7 +237,7 @@ class _Watch:
         if (count, beats) != last[:2]:
             self.seen[rank] = (count, beats, now)
         elif now - last[2] > self.board.settings.stall_timeout_s:
-            raise RankLost(f"rank {rank} showed no progress for {now - last[2]:.0f} s ({doing}); stopping the "
+            raise _lost(f"rank {rank} showed no progress for {now - last[2]:.0f} s ({doing}); stopping the "
                            "job (--rank-timeout sets how long a rank may be silent)")
 
 

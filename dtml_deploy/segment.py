@@ -19,6 +19,7 @@ from dtml_deploy.engine.grid import window_count
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import DtmlError, InputError, first_line
+from dtml_deploy.fov import cropped_scan_warning
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
@@ -73,6 +74,7 @@ class Segmentation:
     resampled: bool
     intensity: str = "zscore"
     qc: QCResult | None = None  # with both heads and a bundle that carries a QC reference
+    warnings: list[str] = field(default_factory=list)  # about the input, for the console and the report
 
 
 @dataclass
@@ -93,6 +95,7 @@ class CaseReport:
     intensity: str | None = None
     geometry_guessed: list[str] | None = None  # what the file lacked and was assumed (h5: spacing, orientation)
     qc: dict[str, Any] | None = None  # score, threshold, flagged, parts, features (see dtml_deploy/qc.py)
+    warnings: list[str] | None = None  # about the input (a cropped raw scan: dtml_deploy/fov.py)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +127,7 @@ def fill_report(report: CaseReport, vol: Volume, seg: Segmentation) -> None:
     report.resampled = seg.resampled
     report.intensity = seg.intensity
     report.qc = seg.qc.to_dict() if seg.qc is not None else None
+    report.warnings = seg.warnings or None
     report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
 
 
@@ -161,7 +165,7 @@ class Segmenter:
                                          replace(engine.config, keep_prob=True))
         res = engine.run(x, progress)
         seconds.update(res.seconds)
-        qc = self._assess(x, res, seconds)
+        qc = self._assess(x, res, seconds, intensity)
         mask, prob, sdm, unc = res.mask, res.prob, res.sdm, res.uncertainty
         if resampled:
             t = time.perf_counter()
@@ -176,9 +180,11 @@ class Segmenter:
             t = time.perf_counter()
             mask = largest_component(mask)
             seconds["lcc"] = time.perf_counter() - t
-        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc)
+        cropped = cropped_scan_warning(image.shape, spacing or model_spacing, intensity)
+        return Segmentation(mask, prob, sdm, unc, res.agreement, res.n_windows, seconds, resampled, intensity, qc,
+                            [cropped] if cropped else [])
 
-    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float]) -> QCResult | None:
+    def _assess(self, x: np.ndarray, res: Any, seconds: dict[str, float], intensity: str) -> QCResult | None:
         """The QC score on the network's grid, when both heads ran and the bundle is calibrated."""
         ref = reference_of(self.bundle.meta)
         if ref is None or res.p_seg is None or res.p_dis is None:
@@ -186,7 +192,7 @@ class Segmenter:
         t = time.perf_counter()
         cfg = self.options.engine
         qc = assess(x, res.p_seg, res.p_dis, cfg.head, ref, cfg.threshold, self.bundle.model.spacing,
-                    self.options.lcc, res.tta_spread)
+                    self.options.lcc, res.tta_spread, intensity)
         seconds["qc"] = time.perf_counter() - t
         return qc
 

@@ -16,14 +16,17 @@ from dtml_deploy.qc import warning_line
 from dtml_deploy.segment import CaseReport
 
 
-def opening_lines(predictor: Predictor, what: str, precision_chosen: bool) -> list[str]:
+def opening_lines(predictor: Predictor, what: str, precision_chosen: bool, qc: bool) -> list[str]:
     """What a run does and where it runs (`what` with ' with BACKEND' or ' on N ranks ...'), then the CPU's
-    bf16 tip or warning when there is one: how `segment` and `evaluate --model` open."""
+    bf16 tip or warning, and (when `qc` was asked for) that the bundle has no QC block: how `segment` and
+    `evaluate --model` open."""
     from dtml_deploy.backends.torch_backend import cpu_precision_note
+    from dtml_deploy.qc_reference import no_qc_note
 
     backend = predictor.segmenter.backend
-    note = cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen)
-    return [f"{what}{predictor.ranks.running(predictor.describe())}", *([note] if note else [])]
+    notes = (cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen),
+             no_qc_note(predictor.bundle.meta) if qc else None)
+    return [f"{what}{predictor.ranks.running(predictor.describe())}", *(n for n in notes if n)]
 
 
 def case_lines(rep: CaseReport, name: str, model_spacing: tuple[float, float, float]) -> list[str]:
@@ -39,6 +42,7 @@ def case_lines(rep: CaseReport, name: str, model_spacing: tuple[float, float, fl
     windows = f"{rep.windows} window{'' if rep.windows == 1 else 's'}"
     score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
     lines.append(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})")
+    lines.extend(f"  warning: {name}: {w}" for w in rep.warnings or ())
     flagged = warning_line(name, rep.qc)
     if flagged:
         lines.append(f"  {flagged}")

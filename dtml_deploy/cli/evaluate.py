@@ -67,7 +67,9 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     ranks = Ranks.from_env()
     predictor = load_predictor(model, predictor_settings(qc=True, **options), ranks)
     if ranks.is_main:
-        for line in opening_lines(predictor, f"segmenting {len(ids)} cases", precision_chosen=True):
+        for note in source.notes:
+            typer.echo(note, err=True)
+        for line in opening_lines(predictor, f"segmenting {len(ids)} cases", precision_chosen=True, qc=True):
             typer.echo(line, err=True)
     done: list[str] = []
     rows = score_model(predictor, [source.labeled(i) for i in ids],
@@ -76,6 +78,9 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
     if rows is None:
         return None
     _warn_guessed(rows, predictor.bundle.model.spacing)
+    for r in rows:
+        if r.get("warnings"):
+            typer.echo(f"warning: {r['case']}: {r['warnings']}", err=True)
     record = predictor.record()
     record["engine"].pop("batch")
     return rows, {**record, "cases_from": cases}

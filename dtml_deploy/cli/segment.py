@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +19,7 @@ from dtml_deploy.cli.common import (
     ProgressOpt,
     RankTimeoutOpt,
     default_of,
+    echo_err,
     exit_for_failures,
     fail,
     load_predictor,
@@ -46,18 +48,23 @@ class SegmentJob:
     progress: bool = True
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> list[Path]:
     """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
-    DICOM series (io/formats.find_scans); globs expanded."""
+    DICOM series (io/formats.find_scans); globs expanded. What a challenge folder holds besides its scans
+    goes to `note`, one line each."""
     import glob
 
+    from dtml_deploy.io.challenge import stray_notes
     from dtml_deploy.io.formats import find_scans
 
     found: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.extend(find_scans(p))
+            scans = find_scans(p)
+            for line in stray_notes(p, scans):
+                note(line)
+            found.extend(scans)
         elif not p.exists() and any(c in item for c in "*?["):
             found.extend(Path(m) for m in sorted(glob.glob(item)))
         else:
@@ -110,11 +117,13 @@ def segment(
             qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
-        job = SegmentJob(inputs=expand_inputs(inputs), output=output, overwrite=overwrite, json_report=json_report,
+        job = SegmentJob(inputs=expand_inputs(inputs, echo_err if ranks.is_main else lambda _: None),
+                         output=output, overwrite=overwrite, json_report=json_report,
                          progress=progress)
         check_job(job)
         predictor = load_predictor(model, settings, ranks)
-        reports = run_job(predictor, job, ranks, shard, precision_chosen=options.get("precision") is not None)
+        reports = run_job(predictor, job, ranks, shard, precision_chosen=options.get("precision") is not None,
+                          qc=qc)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:
@@ -133,14 +142,14 @@ def check_job(job: SegmentJob) -> None:
 
 
 def run_job(predictor: Predictor, job: SegmentJob, ranks: Ranks, shard: ShardSettings,
-            precision_chosen: bool) -> list[CaseReport] | None:
+            precision_chosen: bool, qc: bool) -> list[CaseReport] | None:
     """Segment the job's inputs with the console's events; rank 0 prints the summary lines and writes the
     JSON report, and returns the reports (the other ranks None)."""
     from dtml_deploy.cli.console import ConsoleEvents, opening_lines
     from dtml_deploy.io.reports import write_report_text
 
     with ConsoleEvents(predictor, job.progress) as events:
-        for line in opening_lines(predictor, f"dtml: {len(job.inputs)} scan(s)", precision_chosen):
+        for line in opening_lines(predictor, f"dtml: {len(job.inputs)} scan(s)", precision_chosen, qc):
             events.say(line)
         reports = predictor.segment_files(job.inputs, job.output, job.overwrite, events, shard)
     if reports is None:

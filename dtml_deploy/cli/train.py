@@ -121,6 +121,8 @@ def train(**options: Any) -> None:
 
         cfg = make_config(run["recipe"].value, options)
         source = open_source(run["data"], labels_dir=run["labels"], list_file=run["case_list"])
+        for note in source.notes if is_main_process() else ():
+            echo_err(note)
         split = make_split(source, cfg.labeled, cfg.unlabeled, cfg.val_cases)
         out = run["out"]
         with run_visuals(out, run["tensorboard"], echo_err):

@@ -27,6 +27,15 @@ class GridSpec:
             raise ValueError(f"stride must be 3 positive integers, got {self.stride}")
 
 
+def check_stride(spec: GridSpec, patch: Sequence[int]) -> None:
+    """Refuse a fixed stride longer than the patch on any axis (once per run, before any case is read): the
+    voxels between two windows would never be predicted, whatever the volume."""
+    if spec.stride is not None and any(s > p for s, p in zip(spec.stride, patch)):
+        raise ValueError(f"--stride {' '.join(map(str, spec.stride))} is longer than the model's patch "
+                         f"{' '.join(map(str, patch))} on some axis: voxels between windows would never be "
+                         f"predicted; use at most the patch (paper: {' '.join(map(str, PAPER_STRIDE))})")
+
+
 def tile_starts_overlap(length: int, patch: int, overlap: float) -> list[int]:
     """Evenly spaced starts, first at 0 and last flush with the end, step <= patch * (1 - overlap)."""
     if length <= patch:
@@ -46,9 +55,7 @@ def tile_starts_stride(length: int, patch: int, stride: int) -> list[int]:
 
 def axis_starts(shape: Sequence[int], patch: Sequence[int], spec: GridSpec) -> list[list[int]]:
     """Window starts along each axis of a (padded) volume of `shape`."""
-    if spec.stride is not None and any(s > p for s, p in zip(spec.stride, patch)):
-        raise ValueError(f"stride {tuple(spec.stride)} exceeds the patch {tuple(patch)}: "
-                         "voxels between windows would never be predicted")
+    check_stride(spec, patch)
     per_axis = []
     for a in range(3):
         if spec.stride is not None:

@@ -23,7 +23,7 @@ import torch
 
 from dtml_deploy.backends.base import Backend
 from dtml_deploy.engine.blending import Blend, weight_sums, window_weight
-from dtml_deploy.engine.grid import GridSpec, pad_volume, window_starts
+from dtml_deploy.engine.grid import GridSpec, check_stride, pad_volume, window_starts
 from dtml_deploy.errors import OutOfMemory
 
 Head = Literal["seg", "sdm", "mean"]
@@ -130,6 +130,7 @@ class SlidingWindowEngine:
         missing = [c for c in config.channels if c not in backend.outputs]
         if missing:
             raise ValueError(f"backend does not produce {missing}; create it with outputs={config.channels}")
+        check_stride(config.grid, patch)  # a usage error up front, not one per case
         self.backend = backend
         self.patch = tuple(int(p) for p in patch)
         self.config = config

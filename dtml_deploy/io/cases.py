@@ -19,6 +19,7 @@ class ArrayRef:
     dataset: str | None = None  # h5 dataset name (for the challenge layout: image | label); None for NIfTI
     preprocess: str | None = None  # "la2018-challenge": z-score / binarise, then crop (io/refs.py reads it)
     crop: tuple[int, int, int, int] | None = None  # x0, x1, y0, y1 of that crop
+    problem: str | None = None  # why the crop cannot be made (its case's label is unusable): raised on read
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ whole scan like the training images.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -26,9 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from dtml_deploy.config import IntensityConfig
-from dtml_deploy.errors import DataError
+from dtml_deploy.errors import DataError, DtmlError
 from dtml_deploy.intensity import normalise
 from dtml_deploy.io.cases import ArrayRef, read_case_list
+from dtml_deploy.io.geometry import GridTolerance
+from dtml_deploy.io.header_reader import read_header
+from dtml_deploy.io.headers import ImageHeader
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume, read_volume
 
@@ -50,6 +54,22 @@ def challenge_ids(root: Path, list_file: Path | None = None) -> list[str]:
     if ids and list_file is not None:
         return read_case_list(Path(list_file))
     return ids
+
+
+def stray_notes(folder: Path, used: Sequence[Path] = ()) -> list[str]:
+    """Notes for what a command skips in a challenge folder: in a root (holding <ID>/lgemri.nrrd), each
+    entry that is neither a case nor holds one of the scans `used`; in a case folder, its label (only
+    lgemri.nrrd is a scan). Nothing for other folders."""
+    folder = Path(folder)
+    if (folder / IMAGE).is_file():
+        return [f"note: {folder / LABEL}: the case's label, not segmented"] if (folder / LABEL).is_file() else []
+    cases = {p.parent.name for p in folder.glob(f"*/{IMAGE}")}
+    if not cases:
+        return []
+    taken = cases | {Path(u).relative_to(folder).parts[0] for u in used if Path(u).is_relative_to(folder)}
+    return [f"note: {p}: {f'a folder without {IMAGE}' if p.is_dir() else 'not a case folder'}; skipped (the "
+            f"challenge layout is <ID>/{IMAGE} with <ID>/{LABEL})"
+            for p in sorted(folder.iterdir()) if p.name not in taken and not p.name.startswith(".")]
 
 
 def binary_label(array: np.ndarray, path: Path) -> np.ndarray:
@@ -77,23 +97,54 @@ def crop_box(label: np.ndarray, case_id: str, cfg: CropConfig = CropConfig()) ->
     return tuple(box)  # type: ignore[return-value]
 
 
+def grid_difference(image: ImageHeader, label: ImageHeader) -> str | None:
+    """How a label's grid differs from its image's (size, voxel axes, origin), or None when it does not."""
+    if image.sizes != label.sizes:
+        return f"size {'x'.join(map(str, label.sizes))} vs the image's {'x'.join(map(str, image.sizes))}"
+    if image.axes is not None and label.axes is not None:
+        scale = float(np.abs(image.axes).max())
+        if not np.allclose(image.axes, label.axes, rtol=0, atol=GridTolerance.rtol * scale):
+            return (f"voxel axes {label.axes.T.round(4).tolist()} vs the image's {image.axes.T.round(4).tolist()} "
+                    "(spacing or orientation)")
+    shift = float(np.abs(np.subtract(image.origin, label.origin)).max())
+    if shift > GridTolerance.translation_mm:
+        return f"origin {label.origin} vs the image's {image.origin} ({shift:.4g} mm apart)"
+    return None
+
+
 @lru_cache(maxsize=1024)
 def _box_of(label_path: str, case_id: str) -> tuple[int, int, int, int] | None:
+    """The crop box of a case from its label, which must be binary and on its image's grid (the box is
+    found on the label and cut from the image)."""
     path = Path(label_path)
     if not path.is_file():
         return None
-    return crop_box(binary_label(read_volume(path).array, path), case_id)
+    label = read_volume(path)
+    image = path.parent / IMAGE
+    if image.is_file():  # an unreadable image fails when the case reads it
+        why = grid_difference(read_header(image), read_header(path))
+        if why:
+            raise DataError(f"{path}: the label is not on its image's grid ({why}); give a label on "
+                            f"{image.name}'s grid (dtml does not crop or resample labels)")
+    return crop_box(binary_label(label.array, path), case_id)
 
 
 def case_ref(root: Path, case_id: str, role: str) -> ArrayRef:
-    """The image or label reference of a case, carrying its crop box (not its label)."""
+    """The image or label reference of a case, carrying its crop box (not its label). A label that cannot
+    give the box (unreadable, not binary, empty, on another grid) fails this case alone: the reference
+    carries the reason and reading it raises it."""
     folder = Path(root) / case_id
-    box = _box_of(str(folder / LABEL), case_id)
-    return ArrayRef(folder / (IMAGE if role == "image" else LABEL), role, LAYOUT, box)
+    try:
+        box, problem = _box_of(str(folder / LABEL), case_id), None
+    except DtmlError as e:
+        box, problem = None, str(e)
+    return ArrayRef(folder / (IMAGE if role == "image" else LABEL), role, LAYOUT, box, problem)
 
 
 def read_preprocessed(ref: ArrayRef) -> Volume:
     """A case's image (z-scored over the whole scan) or label (0/1), cropped to its box."""
+    if ref.problem is not None:
+        raise DataError(ref.problem)
     vol = read_volume(ref.path)
     if ref.dataset == "label":
         arr = binary_label(vol.array, ref.path)

@@ -38,6 +38,7 @@ class DataSource:
     labels_dir: Path | None = None
     suffix: str = ".nii.gz"
     labeled_pool: tuple[str, ...] | None = None  # cases that have a label; None: every case
+    notes: tuple[str, ...] = ()  # what the root holds besides its cases (skipped; callers print them)
 
     def image_ref(self, case_id: str) -> ArrayRef:
         if self.layout == "la2018-challenge":
@@ -133,11 +134,11 @@ def open_source(root: Path, labels_dir: Path | None = None, list_file: Path | No
             raise DataError(f"{root}: no cases found in images/")
         splits.setdefault("train", ids)
         return DataSource(root, "la2018", tuple(ids), splits)
-    from dtml_deploy.io.challenge import LAYOUT, challenge_ids
+    from dtml_deploy.io.challenge import LAYOUT, challenge_ids, stray_notes
 
     challenge = challenge_ids(root, list_file)
     if challenge:
-        return DataSource(root, LAYOUT, tuple(challenge), {"train": challenge})
+        return DataSource(root, LAYOUT, tuple(challenge), {"train": challenge}, notes=tuple(stray_notes(root)))
     lst = Path(list_file) if list_file is not None else root / "train.list"
     if lst.is_file():
         ids = read_case_list(lst)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dtml_deploy.errors import InputError
-from dtml_deploy.io.itk_io import itk_error, require_sitk, volume_from_image
+from dtml_deploy.io.itk_io import itk_error, native_output, require_sitk, volume_from_image
 from dtml_deploy.io.scan import Volume
 
 _TAGS = {"uid": "0020|000e", "ipp": "0020|0032", "iop": "0020|0037", "spacing": "0028|0030",
@@ -45,7 +45,8 @@ def _tags(path: Path) -> dict[str, str]:
     reader.SetFileName(str(path))
     reader.SetImageIO("GDCMImageIO")
     try:
-        reader.ReadImageInformation()
+        with native_output():  # GDCM's warnings stay off the console
+            reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(f"{path}: cannot read DICOM header") from None
     keys = set(reader.GetMetaDataKeys())
@@ -135,7 +136,8 @@ def read_series(path: Path) -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with native_output() as said:
+            image = reader.Execute()
     except RuntimeError as e:
-        raise InputError(f"{path}: cannot read DICOM series ({itk_error(e)})") from None
+        raise InputError(f"{path}: cannot read DICOM series ({itk_error(e, said)})") from None
     return volume_from_image(image, path, "dicom", tuple(files), uid)

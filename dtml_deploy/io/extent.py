@@ -20,12 +20,9 @@ def _header_voxels(path: Path, dataset: str | None) -> int | None:
             key = dataset if dataset in f else next(iter(f.keys()))
             return int(np.prod(f[key].shape[:3]))
     if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        import SimpleITK as sitk
+        from dtml_deploy.io.header_reader import read_header
 
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        return int(np.prod(reader.GetSize()[:3]))
+        return read_header(path, geometry=False).voxels  # parsed here: ITK would print its complaints
     return None
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dtml_deploy.errors import InputError
+from dtml_deploy.io.challenge import IMAGE as CHALLENGE_IMAGE
+from dtml_deploy.io.challenge import LABEL as CHALLENGE_LABEL
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume, has_volume_suffix
 
@@ -19,7 +21,6 @@ OUTPUT_FORMATS: tuple[str, ...] = ("auto", "nii.gz", "nrrd", "mha", "dicom-seg")
 _FAMILY_FORMAT = {"nifti": "nii.gz", "nrrd": "nrrd", "mha": "mha", "dicom": "dicom-seg"}
 # Single-file suffixes a mask can be written as, and the format each means (`-o FILE`).
 FILE_FORMATS: dict[str, str] = {".nii.gz": "nii.gz", ".nii": "nii.gz", ".nrrd": "nrrd", ".mha": "mha"}
-CHALLENGE_IMAGE = "lgemri.nrrd"  # the 2018 LA challenge's per-case image file
 
 
 def input_family(vol: Volume) -> str:
@@ -53,11 +54,13 @@ def strip_suffix(name: str) -> str:
 
 
 def find_scans(folder: Path) -> list[Path]:
-    """The scans of a folder: its volume files, UA-MT `<ID>/mri_norm2.h5`, challenge `<ID>/lgemri.nrrd`,
-    and one entry per DICOM series found below it (its first slice)."""
+    """The scans of a folder: its volume files (a challenge case folder's label excepted), UA-MT
+    `<ID>/mri_norm2.h5`, challenge `<ID>/lgemri.nrrd`, and one entry per DICOM series found below it (its
+    first slice)."""
     from dtml_deploy.io.dicom_series import find_series, is_dicom_file
 
-    files = sorted(f for f in folder.iterdir() if f.is_file() and has_volume_suffix(f))
+    label = folder / CHALLENGE_LABEL if (folder / CHALLENGE_IMAGE).is_file() else None  # a case folder's label
+    files = sorted(f for f in folder.iterdir() if f.is_file() and has_volume_suffix(f) and f != label)
     files += sorted(folder.glob("*/mri_norm2.h5"))
     files += sorted(folder.glob(f"*/{CHALLENGE_IMAGE}"))
     has_dicom = any(is_dicom_file(f) for f in folder.rglob("*") if not has_volume_suffix(f))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ H5_GUESSES = ("spacing", "orientation", "axis order")
 # The smallest singular value of the affine's 3x3 part, relative to the largest: below it the axes are
 # (numerically) dependent and voxel positions cannot be told apart.
 SINGULAR_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class GridTolerance:
+    """How far two grids (a prediction's and its label's, a label's and its image's) may differ and still
+    be taken as one, voxel by voxel."""
+
+    translation_mm: float = 1e-3  # origin (affine column 4)
+    rtol: float = 1e-4  # voxel axes (affine 3x3 part), relative to its largest entry
 
 
 def check_spacing(spacing: Sequence[float], path: Path | str, source: str = "header") -> tuple[float, float, float]:

@@ -8,13 +8,20 @@ writes transpose. The geometry read from a file is kept as given (`ItkGeometry`)
 unchanged, so a mask lands on exactly the input grid.
 
 Spacing is never guessed: a NRRD without `space directions` or `spacings`, or a MetaImage without
-`ElementSpacing`/`ElementSize`, is an error (ITK would silently use 1 mm). A NRRD that gives spacings
+`ElementSpacing`/`ElementSize`, is an error (ITK would silently use 1 mm); headers are parsed field by
+field and checked before ITK reads any data (headers.py). A NRRD that gives spacings
 but no `space directions` has no orientation; it is read with identity direction and zero origin, as
 ITK and 3D Slicer read it (the challenge data's own convention).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,10 @@ import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.geometry import check_dtype
+from dtml_deploy.io.header_reader import read_header
+from dtml_deploy.io.headers import check_header
 from dtml_deploy.io.scan import Volume, check_array
+from dtml_deploy.limits import WorkLimits
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 META_SUFFIXES = (".mha", ".mhd")
@@ -68,34 +78,49 @@ def geometry_from_affine(affine: np.ndarray, family: str) -> ItkGeometry:
                        tuple(float(d) for d in direction.ravel()), family)
 
 
-def _header_text(path: Path, stop: bytes) -> str:
-    """The text header of a NRRD or MetaImage file (up to `stop`), for checking which fields it declares."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    return head.split(stop, 1)[0].decode("latin-1").lower()
+@contextlib.contextmanager
+def native_output() -> Iterator[list[str]]:
+    """Keep what ITK's C++ code prints (warnings with build paths, MetaIO's "Cannot open data file") off
+    the console for the calls inside: its warning display is turned off and file descriptors 1 and 2 are
+    sent to a temporary file. The lines it printed are in the yielded list afterwards, for the caller to
+    turn into its own message (`itk_error`). Scoped to the block; the previous state is restored."""
+    sitk = require_sitk("reading NRRD/MHA")
+    said: list[str] = []
+    display = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield said
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                tmp.seek(0)
+                said.extend(ln.strip() for ln in tmp.read().decode("utf-8", "replace").splitlines() if ln.strip())
+    finally:
+        for fd in saved:
+            os.close(fd)
+        sitk.ProcessObject_SetGlobalWarningDisplay(display)
 
 
-def _check_spacing_declared(path: Path, family: str) -> None:
-    if family == "nrrd":
-        head = _header_text(path, b"\n\n")
-        if not head.startswith("nrrd000"):
-            raise InputError(f"{path}: cannot read NRRD (no NRRD magic line)")
-        if "space directions:" not in head and "spacings:" not in head:
-            raise InputError(f"{path}: NRRD header gives no voxel spacing ('space directions' or 'spacings'); "
-                             "add it (dtml does not guess spacing)")
-    else:
-        head = _header_text(path, b"ElementDataFile")
-        if "ndims" not in head:
-            raise InputError(f"{path}: cannot read MetaImage (no NDims in the header)")
-        if "elementspacing" not in head and "elementsize" not in head:
-            raise InputError(f"{path}: MetaImage header gives no ElementSpacing; add it (dtml does not guess "
-                             "spacing)")
+_PREFIX = re.compile(r"^(?:(?:ITK ERROR|[\w:]+)(?:\(0x[0-9a-f]+\))?: )+")  # "ITK ERROR: NrrdImageIO(0x..): "
+_BUILD_PATH = re.compile(r"(/[\w.+-]+)+\.(cxx|hxx|h|cpp|txx)\b")
 
 
-def itk_error(e: Exception) -> str:
-    """The last line of ITK's multi-line exception text (ITK reports every failure as RuntimeError)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else "ITK error"
+def itk_error(e: Exception, said: Sequence[str] = ()) -> str:
+    """One line for an ITK failure: what its C++ code printed (`native_output`; MetaIO prints its reason
+    and throws a generic one), else teem's own reason for a NRRD, else the exception's last line; without
+    function names and never with a build path."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not _BUILD_PATH.search(ln)]
+    nrrd = [ln for ln in lines if ln.startswith("[nrrd] ")]
+    chosen = [ln for ln in said if not _BUILD_PATH.search(ln)] or nrrd[-1:] or lines[-1:]
+    text = "; ".join(_PREFIX.sub("", ln.replace("[nrrd] ", "")) for ln in chosen)
+    return text[:160] if text else "ITK error"
 
 
 def volume_from_image(image: Any, path: Path, family: str, files: tuple[str, ...] = (),
@@ -118,17 +143,19 @@ def volume_from_image(image: Any, path: Path, family: str, files: tuple[str, ...
     return Volume(data, geo.spacing, ras_affine(geo), path, geo, tuple(data.shape))
 
 
-def read_itk(path: Path) -> Volume:
-    """Read a .nrrd/.nhdr/.mha/.mhd scan; spacing must be declared in the header."""
-    name = path.name.lower()
-    family = "nrrd" if name.endswith(NRRD_SUFFIXES) else "mha"
-    _check_spacing_declared(path, family)
-    sitk = require_sitk(f"reading {Path(name).suffix}")
+def read_itk(path: Path, max_voxels: int = WorkLimits.max_voxels, need_spacing: bool = True) -> Volume:
+    """Read a .nrrd/.nhdr/.mha/.mhd scan. Its header is parsed and checked first (io/headers.py: declared
+    spacing unless `need_spacing` is False, size within `max_voxels` and free memory, data present), so
+    ITK never guesses a spacing nor allocates what a header merely claims."""
+    header = read_header(path, geometry=need_spacing)
+    check_header(header, max_voxels, need_spacing)
+    sitk = require_sitk(f"reading {path.suffix.lower()}")
     try:
-        image = sitk.ReadImage(str(path))
+        with native_output() as said:
+            image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        raise InputError(f"{path}: cannot read {family.upper()} ({itk_error(e)})") from None
-    return volume_from_image(image, path, family)
+        raise InputError(f"{path}: cannot read {header.family.upper()} ({itk_error(e, said)})") from None
+    return volume_from_image(image, path, header.family)
 
 
 def itk_image_like(ref: Volume, array: np.ndarray, dtype: type) -> Any:
@@ -148,4 +175,8 @@ def write_itk(image: Any, path: Path) -> None:
     """Write a SimpleITK image; the format follows the suffix of `path` (compressed)."""
     import SimpleITK as sitk
 
-    sitk.WriteImage(image, str(path), True)
+    try:
+        with native_output() as said:
+            sitk.WriteImage(image, str(path), True)
+    except RuntimeError as e:  # the caller names the output; ITK's text loses its build paths
+        raise RuntimeError(itk_error(e, said)) from None

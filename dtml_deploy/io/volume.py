@@ -26,6 +26,7 @@ from dtml_deploy.io.scan import (
     check_array,
     has_volume_suffix,
 )
+from dtml_deploy.limits import WorkLimits
 
 __all__ = ["H5_SUFFIXES", "ITK_SUFFIXES", "NIFTI_SUFFIXES", "SUFFIXES", "Volume", "has_volume_suffix",
            "read_volume", "write_all_like", "write_like"]
@@ -59,7 +60,8 @@ def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 
     elif name.endswith(ITK_SUFFIXES):
         from dtml_deploy.io.itk_io import read_itk
 
-        vol = _checked_itk(read_itk(path), spacing, max_voxels)
+        limit = WorkLimits.max_voxels if max_voxels is None else max_voxels
+        vol = _checked_itk(read_itk(path, limit, need_spacing=spacing is None), spacing, max_voxels)
     else:
         raise InputError(f"{path}: unknown extension (expected one of {', '.join(SUFFIXES)})")
     if check_finite and not np.isfinite(vol.array).all():
@@ -75,8 +77,8 @@ def _check_size(shape: tuple[int, ...], path: Path, max_voxels: int | None) -> N
 
 
 def _checked_itk(vol: Volume, spacing: tuple[float, float, float] | None, max_voxels: int | None) -> Volume:
-    """The same geometry and size checks as NIfTI for a volume read through SimpleITK (NRRD, MHA, DICOM);
-    SimpleITK reads the voxels with the header, so the size is checked after reading."""
+    """The same geometry and size checks as NIfTI for a volume read through SimpleITK (NRRD, MHA, DICOM).
+    NRRD/MHA sizes were checked from the header before reading (io/headers.py); a DICOM series' here."""
     _check_size(vol.shape, vol.path, max_voxels)
     if spacing is None:
         check_spacing(vol.spacing, vol.path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.viz.figure import new_figure, save_png
+from dtml_deploy.viz.figure import new_figure, save_png, tight_layout, verbatim
 
 
 def timed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -19,7 +19,7 @@ def timed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def benchmark_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
     """Horizontal bars per timed row; rows that did not run are named below the charts."""
     timed = timed_rows(rows)
-    names = [f"{r['name']}" + ("" if r["status"] == "passed" else " (failed parity)") for r in timed]
+    names = [verbatim(r["name"]) + ("" if r["status"] == "passed" else " (failed parity)") for r in timed]
     y = np.arange(len(timed))
     fig = new_figure(11.0, 1.6 + 0.45 * max(len(timed), 1), 100)
     ax_ms, ax_mv = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -43,9 +43,9 @@ def benchmark_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
         ax.margins(x=0.18)
     other = [f"{r['name']} ({r['status'].split(':')[0]})" for r in rows if r not in timed]
     if other:  # the reasons are in the table and the JSON; the chart only names the rows
-        fig.text(0.01, 0.01, "not timed: " + ", ".join(other), fontsize=7, color="#555")
-    fig.suptitle(title or "dtml benchmark", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 if other else 0, 1, 1))
+        fig.text(0.01, 0.01, verbatim("not timed: " + ", ".join(other)), fontsize=7, color="#555")
+    fig.suptitle(verbatim(title or "dtml benchmark"), fontsize=10)
+    tight_layout(fig, rect=(0, 0.05 if other else 0, 1, 1))
     return fig
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.viz.figure import new_figure, save_png
+from dtml_deploy.viz.figure import new_figure, save_png, tight_layout, verbatim
 
 CURVES_PNG = "training_curves.png"
 
@@ -47,10 +47,10 @@ def _losses(ax: Any, steps: list[dict[str, Any]]) -> None:
         line = ax.plot(x, y, linewidth=0.6, alpha=0.35, label=None, gid=key)[0]
         if finite.any() and window > 1:
             ax.plot(x[finite], smooth(y[finite], window), linewidth=1.4, color=line.get_color(),
-                    label=f"{key} (mean of {window})", gid=key + ":smooth")
+                    label=verbatim(f"{key} (mean of {window})"), gid=key + ":smooth")
         else:
             line.set_alpha(1.0)
-            line.set_label(key)
+            line.set_label(verbatim(key))
     positive = [r[k] for r in steps for k in keys if isinstance(r.get(k), int | float) and r[k] > 0]
     if positive and max(positive) / max(min(positive), 1e-12) > 50:
         ax.set_yscale("log")
@@ -82,7 +82,7 @@ def _validation(ax: Any, vals: list[dict[str, Any]]) -> None:
     keys = [k for k in dict.fromkeys(k for r in vals for k in r) if k.startswith("val_")]
     for key in keys:
         x, y = _series(vals, key)
-        ax.plot(x, y, marker="o", markersize=3, label=key, gid=key)
+        ax.plot(x, y, marker="o", markersize=3, label=verbatim(key), gid=key)
     if keys:
         ax.legend(fontsize=7)
     else:
@@ -104,8 +104,8 @@ def curves_figure(rows: list[dict[str, Any]], title: str = "") -> Any:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     last = steps[-1]["iteration"] + 1 if steps else 0
-    fig.suptitle(f"{title}{' · ' if title else ''}{last} iterations logged", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(verbatim(f"{title}{' · ' if title else ''}{last} iterations logged"), fontsize=11)
+    tight_layout(fig)
     return fig
 
 

@@ -3,7 +3,10 @@ made without pyplot (no global state, no display needed), and PNG bytes or RGB a
 
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,30 @@ def require_matplotlib(what: str) -> None:
         raise DtmlError(f"{what} needs matplotlib: {EXTRA}") from None
 
 
+def verbatim(text: object) -> str:
+    """`text` as matplotlib must be given it to draw it as written: a pair of `$` would start mathtext
+    (`a$_$b.nii.gz` fails to render, `p$q$r` turns italic), so every `$` is escaped; matplotlib removes the
+    escape when it draws plain text, so `_`, `^`, `\\`, `{}` and a `\\$` already in a name come out as
+    written too. Every text a user or a file name controls goes through here."""
+    return str(text).replace("$", r"\$")
+
+
+@contextlib.contextmanager
+def quiet_glyphs() -> Iterator[None]:
+    """Inside the block, ignore matplotlib's warning for a character its font lacks (a case or run name in
+    another script): it comes once per glyph with a source line, while the picture just shows a box and the
+    name is written in full in the file names and reports. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        yield
+
+
+def tight_layout(fig: Any, **kwargs: Any) -> None:
+    """`fig.tight_layout` (which measures text, so it may meet a missing glyph: `quiet_glyphs`)."""
+    with quiet_glyphs():
+        fig.tight_layout(**kwargs)
+
+
 def new_figure(width_in: float, height_in: float, dpi: float = 100) -> Any:
     """A matplotlib Figure on an Agg canvas (no pyplot, so nothing global and no display)."""
     require_matplotlib("drawing")
@@ -38,13 +65,15 @@ def new_figure(width_in: float, height_in: float, dpi: float = 100) -> Any:
 def figure_png(fig: Any) -> bytes:
     """The figure as PNG bytes at its own dpi."""
     buf = io.BytesIO()
-    fig.canvas.print_png(buf)
+    with quiet_glyphs():
+        fig.canvas.print_png(buf)
     return buf.getvalue()
 
 
 def figure_rgb(fig: Any) -> np.ndarray:
     """The rendered figure as a uint8 (H, W, 3) array: what the PNG holds."""
-    fig.canvas.draw()
+    with quiet_glyphs():
+        fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 

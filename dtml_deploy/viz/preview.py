@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from dtml_deploy.viz.figure import figure_png, new_figure
+from dtml_deploy.viz.figure import figure_png, new_figure, verbatim
 
 OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 # view name -> (slice axis, row axis, column axis) of the RAS array
@@ -189,7 +189,7 @@ def render(views: list[View], title: str, style: PreviewStyle = PreviewStyle(),
         ax.text(0.5, 0.01, v.edges["bottom"], ha="center", va="bottom", **kw)
         x += w + gap
     if title:
-        fig.text(0.5, 1 - 8 / fig_h, title, ha="center", va="top", color="white", fontsize=10)
+        fig.text(0.5, 1 - 8 / fig_h, verbatim(title), ha="center", va="top", color="white", fontsize=10)
     if legend:
         fig.text(0.5, 6 / fig_h, _legend(views, style), ha="center", va="bottom", color="#cccccc", fontsize=7)
     return fig

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy.viz.figure import new_figure
+from dtml_deploy.viz.figure import new_figure, tight_layout
 
 # metric -> (axis label, factor): Dice and Jaccard in percent, as the paper reports them
 METRICS: dict[str, tuple[str, float]] = {"dice": ("Dice %", 100.0), "jaccard": ("Jaccard %", 100.0),
@@ -41,7 +41,7 @@ def scatter_figure(rows: list[dict[str, Any]], key: str, threshold: float | None
     ax.set_title(f"Dice against {name} ({len(x)} cases, Pearson r {r:.2f})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never over a point
-    fig.tight_layout()
+    tight_layout(fig)
     return fig
 
 
@@ -61,5 +61,5 @@ def distributions_figure(rows: list[dict[str, Any]]) -> Any:
         ax.set_title(label + (f" ({missing} n/a)" if missing else ""), fontsize=10)
         ax.set_xticks([])
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    tight_layout(fig)
     return fig

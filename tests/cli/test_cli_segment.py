@@ -530,7 +530,7 @@ def test_stride_larger_than_patch_is_refused(sample_root: Path, bundle_dir: Path
     out = tmp_path / "out"
     r = _cli("segment", src, "-o", out, "--model", bundle_dir, *CPU, "--stride", "40", "16", "16")
     assert r.exit_code == 2 and len(_error_lines(r)) == 1
-    assert "stride (40, 16, 16) exceeds the patch (32, 32, 32)" in r.stderr
+    assert "--stride 40 16 16 is longer than the model's patch 32 32 32" in r.stderr
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -1,7 +1,8 @@
 """`dtml segment` and `dtml evaluate --model` under torchrun: 2 CPU processes against 1, and ranks that fail.
 
-Each test launches torchrun for real (`python -m torch.distributed.run --nproc-per-node 2`), so the
-ranks meet through torchrun's own store exactly as on a multi-GPU node.
+Each test launches torchrun's agent for real (`python -m torch.distributed.run --nproc-per-node 2`, or
+dtml's launcher `python -m dtml_deploy.launch` around it), so the ranks meet through torchrun's own store
+exactly as on a multi-GPU node.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def _free_port() -> int:
 
 
 def _dtml(args: list[str], ranks: int | None, env: dict[str, str] | None = None,
-          entry: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`dtml ARGS` in a fresh process, or under torchrun with `ranks` CPU processes (one thread each)."""
+          entry: list[str] | None = None, timeout: float = 300, agent: str = "dtml_deploy.launch"
+          ) -> subprocess.CompletedProcess:
+    """`dtml ARGS` in a fresh process, or with `ranks` CPU processes (one thread each) under `agent`:
+    dtml's launcher (dtml-torchrun) or plain torchrun (`torch.distributed.run`)."""
     entry = entry or ["-m", "dtml_deploy"]
-    launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+    launcher = [] if ranks is None else ["-m", agent, "--nproc-per-node", str(ranks),
                                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     full_env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
@@ -77,8 +80,7 @@ def test_two_ranks_write_what_one_process_writes_and_a_bad_input_fails_alone(sca
     one = _dtml([*args, "-o", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")], None)
     two = _dtml([*args, "-o", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")], 2)
     assert one.returncode == 1, one.stderr
-    assert two.returncode != 0, two.stderr  # torchrun passes on rank 0's 1: some case failed
-    assert "exitcode  : 1" in two.stderr and "rank      : 0" in two.stderr
+    assert two.returncode == 1, two.stderr  # dtml's code: some case failed
     r1, r2 = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert (r1["ranks"], r2["ranks"]) == (1, 2)
     assert _without_timing(r1) == _without_timing(r2)
@@ -91,12 +93,39 @@ def test_two_ranks_write_what_one_process_writes_and_a_bad_input_fails_alone(sca
     masks = [np.asarray(nib.load(tmp_path / "two" / f"case{i}.nii.gz").dataobj) for i in range(3)]
     assert all(0 < m.sum() < m.size for m in masks)  # real masks, not empty ones that agree trivially
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    # rank 0 printed every case once, the error line once, and the summary; no rank printed a traceback
-    # (torchrun prints its own for the exit code 1)
+    # rank 0 printed every case once, the error line once, and the summary; no traceback, not even torchrun's
     err = two.stderr
     assert all(err.count(f"case{i}: ") == 1 for i in range(3)), err
     assert err.count("error: ") == 1 and "3 of 4 scan(s) segmented on 2 ranks" in err
-    assert "dtml_deploy/" not in err
+    assert "dtml_deploy/" not in err and "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_all_cases_failed_ends_with_dtml_lines_and_code_2(tmp_path: Path) -> None:
+    bad = [tmp_path / f"broken{i}.nii.gz" for i in range(2)]
+    for p in bad:
+        p.write_bytes(b"not a nifti file")
+    args = ["segment", *map(str, bad), "-o", str(tmp_path / "out"), "--no-progress"]
+    ours = _dtml(args, 2)
+    assert ours.returncode == 2, ours.stderr
+    lines = [ln for ln in ours.stderr.splitlines() if ln.strip()]
+    assert [ln for ln in lines if ln.startswith("error:")] == [ln for ln in lines if "broken" in ln]
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 2 and "0 of 2 scan(s) segmented" in ours.stderr
+    assert "Traceback" not in ours.stderr and "ChildFailedError" not in ours.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # plain torchrun cannot pass the code on: it says so, and names the launcher that can
+    plain = _dtml(args, 2, agent="torch.distributed.run")
+    assert plain.returncode == 1 and "ChildFailedError" in plain.stderr
+    assert "note: torchrun reports dtml's exit code 2 as a crash" in plain.stderr and "dtml-torchrun" in plain.stderr
+
+
+def test_launcher_runs_a_dtml_command_given_without_module(tmp_path: Path) -> None:
+    from dtml_deploy.launch import _dtml_args
+
+    args = _dtml_args(["--nproc-per-node", "2", "segment", "a.nii.gz", "-o", "out"])
+    assert (args.module, args.training_script, args.training_script_args) == (
+        True, "dtml_deploy", ["segment", "a.nii.gz", "-o", "out"])
+    kept = _dtml_args(["--nproc-per-node", "2", "-m", "dtml_deploy", "evaluate", "--data", "d"])
+    assert (kept.training_script, kept.training_script_args) == ("dtml_deploy", ["evaluate", "--data", "d"])
 
 
 def test_two_ranks_evaluate_like_one_process(sample_root: Path, scans: dict[str, Path], tmp_path: Path) -> None:
@@ -132,7 +161,11 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_with_the_report_written(scans: d
             "--no-progress", "--rank-timeout", "5"]
     res = _dtml(args, 2, {"DTML_TEST_FAULT": f"1:{fault}:case3"},
                 entry=[str(REPO / "tests" / "cli" / "torchrun_faults.py")], timeout=240)
-    assert res.returncode != 0
+    assert res.returncode == 1, res.stderr  # dtml's code for a job with failed cases, not torchrun's
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
+    if fault == "die":  # the rank that died is named in one line; rank 0, which gave its code, is not
+        assert "error: rank 1 exited with code 7" in res.stderr and "error: rank 0" not in res.stderr
+    assert "elastic/multiprocessing" not in res.stderr  # the agent's own log lines, with torch's source paths
     cases = json.loads(report.read_text())["cases"]
     by_name = {Path(c["input"]).name: c for c in cases}
     assert len(cases) == 4 and by_name["case3.nii.gz"]["status"] == "failed"
@@ -161,7 +194,7 @@ def test_two_nodes_share_the_cases_through_a_c10d_rendezvous(scans: dict[str, Pa
             "--json", str(tmp_path / "report.json"), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *node, *args], env=env, cwd=REPO,
+    agents = [subprocess.Popen([sys.executable, "-m", "dtml_deploy.launch", *node, *args], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [a.communicate(timeout=240) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs

@@ -28,5 +28,6 @@ if os.environ.get("RANK") == _rank:
 
 if __name__ == "__main__":
     from dtml_deploy.cli import app
+    from dtml_deploy.launch import run_rank
 
-    app(prog_name="dtml")
+    run_rank(lambda: app(prog_name="dtml"))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.extent import voxel_estimate
 from dtml_deploy.ranks import Beat, ShardSettings, run_cases
-from dtml_deploy.segment import CaseReport, case_name, output_is_file
+from dtml_deploy.segment import CaseReport, case_names, output_is_file
 
 if TYPE_CHECKING:
     from dtml_deploy.predictor import Predictor, SegmentEvents
@@ -29,7 +29,7 @@ def segment_batch(predictor: Predictor, inputs: list[Path], output: Path, overwr
     """Every input segmented into `output`; see `Predictor.segment_files`."""
     check_output(inputs, output)
     segmenter, ranks = predictor.segmenter, predictor.ranks
-    names = [case_name(p) for p in inputs]
+    names = case_names(inputs)
     dupes = {n for n in names if names.count(n) > 1}
 
     def work(i: int, beat: Beat) -> dict:
@@ -43,7 +43,7 @@ def segment_batch(predictor: Predictor, inputs: list[Path], output: Path, overwr
             events.windows(i, done, total)
             beat()
 
-        return segmenter.segment_file(path, output, overwrite, progress).to_dict()
+        return segmenter.segment_file(path, output, overwrite, progress, name).to_dict()
 
     def on_result(i: int, result: dict) -> None:
         events.case_finished(i, names[i], CaseReport(**result))

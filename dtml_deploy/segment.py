@@ -131,6 +131,22 @@ def fill_report(report: CaseReport, vol: Volume, seg: Segmentation) -> None:
     report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
 
 
+def case_names(paths: list[Path]) -> list[str]:
+    """`case_name` of each input, except that DICOM series sharing a name (every patient's 'S7_LGE' in one
+    archive, or a scan file's name) get their PatientID, or a short SeriesInstanceUID digest, appended."""
+    from dtml_deploy.io.dicom_series import distinct_series_names, is_dicom_file
+    from dtml_deploy.io.volume import has_volume_suffix
+
+    names = [case_name(p) for p in paths]
+    dicom = [not has_volume_suffix(p) and is_dicom_file(p) for p in paths]
+    shared = [i for i, n in enumerate(names) if dicom[i] and names.count(n) > 1]
+    taken = {n for n, d in zip(names, dicom) if not d}  # a scan file of the same name keeps it
+    for i, name in zip(shared, distinct_series_names([paths[i] for i in shared], [names[i] for i in shared],
+                                                     taken)):
+        names[i] = name
+    return names
+
+
 class Segmenter:
     """Binds a bundle, a backend and options; segments arrays or files."""
 
@@ -227,10 +243,11 @@ class Segmenter:
                                   progress)
 
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
-                     progress: Any = None) -> CaseReport:
+                     progress: Any = None, name: str | None = None) -> CaseReport:
         """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
-        optional maps, and report. Any failure of the case (bad input, limits, out of memory, unwritable
-        outputs, an unexpected error) becomes a 'failed' report with one line, so a batch goes on."""
+        optional maps, and report; `name` replaces `case_name(path)` (see `case_names`). Any failure of the
+        case (bad input, limits, out of memory, unwritable outputs, an unexpected error) becomes a 'failed'
+        report with one line, so a batch goes on."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
@@ -238,16 +255,17 @@ class Segmenter:
             vol = self.read(path)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self.output_paths(vol, Path(out), overwrite)
+            paths = self.output_paths(vol, Path(out), overwrite, name)
             seg = self.segment_volume(vol, progress)
             seg.seconds["read"] = read_s
-            self.save(vol, seg, paths, report)
+            self.save(vol, seg, paths, report, name)
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"
             report.error = case_error(path, e)
         return report
 
-    def save(self, vol: Volume, seg: Segmentation, paths: dict[str, Path], report: CaseReport) -> None:
+    def save(self, vol: Volume, seg: Segmentation, paths: dict[str, Path], report: CaseReport,
+             name: str | None = None) -> None:
         """Write a segmented case's outputs (`output_paths`) as one unit and fill its report."""
         t = time.perf_counter()
         outputs = dict(paths)
@@ -257,13 +275,13 @@ class Segmenter:
         # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
         # series or a failed drawing leaves no file behind.
         prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
-                    for path, png in self._previews(vol, seg, report, outputs).items()]
+                    for path, png in self._previews(vol, seg, report, outputs, name).items()]
         outputs.pop("preview", None)
         if "dicom_seg" in outputs:
             from dtml_deploy.io.dicom_seg import build_seg, save_seg
 
             ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-            prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp)))
+            prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
         write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
         seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
         report.status = "ok"
@@ -271,9 +289,11 @@ class Segmenter:
         report.preview = str(paths["preview"]) if "preview" in paths else None
         fill_report(report, vol, seg)
 
-    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False) -> dict[str, Path]:
-        """Where a case's outputs go under `out` (a folder, or the mask's file name); an existing output is
-        refused unless `overwrite`, and so is an output that would replace the input."""
+    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False,
+                     name: str | None = None) -> dict[str, Path]:
+        """Where a case's outputs go under `out` (a folder, or the mask's file name; `name` replaces
+        `case_name(vol.path)`); refused: an output that would replace the input, a DICOM series no SEG can
+        reference, and an existing output unless `overwrite`."""
         cfg = self.options.engine
         if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
             fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
@@ -283,7 +303,7 @@ class Segmenter:
             ext = out.name[len(name):]
             paths = {"mask": out}
         else:
-            name = case_name(vol.path)
+            name = name or case_name(vol.path)
             fmt = resolve_format(vol, self.options.output_format)
             out_dir, ext = out, map_suffix(fmt)
             paths = {"mask": out_dir / f"{name}{ext}"}
@@ -301,19 +321,23 @@ class Segmenter:
         for p in paths.values():
             if p.resolve() == src:
                 raise InputError(f"{p}: output would overwrite the input; choose another -o")
+        if "dicom_seg" in paths:  # a series no SEG can reference fails before any work
+            from dtml_deploy.io.dicom_seg import check_seg_sources
+
+            check_seg_sources(vol)
         for p in paths.values():
             if p.exists() and not overwrite:
                 raise InputError(f"{p}: exists (use --overwrite to replace it)")
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,
-                  outputs: dict[str, Path]) -> dict[Path, bytes]:
+                  outputs: dict[str, Path], name: str | None = None) -> dict[Path, bytes]:
         """The preview PNG (when asked for), drawn before anything is written so it joins the case's unit."""
         if "preview" not in outputs:
             return {}
         from dtml_deploy.viz.preview import case_preview_png
 
         t = time.perf_counter()
-        png = case_preview_png(vol, seg, case_name(vol.path), self.options.engine.head, report)
+        png = case_preview_png(vol, seg, name or case_name(vol.path), self.options.engine.head, report)
         seg.seconds["preview"] = time.perf_counter() - t
         return {outputs["preview"]: png}

@@ -50,8 +50,8 @@ class SegmentJob:
 
 def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> list[Path]:
     """Files as given; folders -> their scan files, UA-MT <ID>/mri_norm2.h5, challenge <ID>/lgemri.nrrd and
-    DICOM series (io/formats.find_scans); globs expanded. What a challenge folder holds besides its scans
-    goes to `note`, one line each."""
+    DICOM series (io/formats.find_scans); globs expanded. What a folder holds besides its scans (non-image
+    DICOM, dtml's own earlier outputs, stray entries of a challenge root) goes to `note`, one line each."""
     import glob
 
     from dtml_deploy.io.challenge import stray_notes
@@ -61,8 +61,9 @@ def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> 
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            scans = find_scans(p)
-            for line in stray_notes(p, scans):
+            skipped: list[str] = []
+            scans = find_scans(p, skipped)
+            for line in [*(f"note: {s}" for s in skipped), *stray_notes(p, scans)]:
                 note(line)
             found.extend(scans)
         elif not p.exists() and any(c in item for c in "*?["):

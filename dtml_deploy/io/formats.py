@@ -9,6 +9,7 @@ mask's format, as NIfTI beside a DICOM SEG (SEG holds binary segments only).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from dtml_deploy.errors import InputError
@@ -21,6 +22,7 @@ OUTPUT_FORMATS: tuple[str, ...] = ("auto", "nii.gz", "nrrd", "mha", "dicom-seg")
 _FAMILY_FORMAT = {"nifti": "nii.gz", "nrrd": "nrrd", "mha": "mha", "dicom": "dicom-seg"}
 # Single-file suffixes a mask can be written as, and the format each means (`-o FILE`).
 FILE_FORMATS: dict[str, str] = {".nii.gz": "nii.gz", ".nii": "nii.gz", ".nrrd": "nrrd", ".mha": "mha"}
+MAP_SUFFIXES = ("_prob", "_sdm", "_uncertainty")  # the maps `dtml segment` writes beside a mask
 
 
 def input_family(vol: Volume) -> str:
@@ -53,15 +55,47 @@ def strip_suffix(name: str) -> str:
     return name
 
 
-def find_scans(folder: Path) -> list[Path]:
+def find_scans(folder: Path, notes: list[str] | None = None) -> list[Path]:
     """The scans of a folder: its volume files (a challenge case folder's label excepted), UA-MT
     `<ID>/mri_norm2.h5`, challenge `<ID>/lgemri.nrrd`, and one entry per DICOM series found below it (its
-    first slice)."""
-    from dtml_deploy.io.dicom_series import find_series, is_dicom_file
+    first slice). dtml's own outputs found there are skipped (`dtml_output`), as are non-image DICOM
+    files; each skip is a line in `notes`."""
+    from dtml_deploy.io.dicom_series import distinct_series_names, find_series, is_dicom_file, series_name
 
     label = folder / CHALLENGE_LABEL if (folder / CHALLENGE_IMAGE).is_file() else None  # a case folder's label
     files = sorted(f for f in folder.iterdir() if f.is_file() and has_volume_suffix(f) and f != label)
     files += sorted(folder.glob("*/mri_norm2.h5"))
     files += sorted(folder.glob(f"*/{CHALLENGE_IMAGE}"))
     has_dicom = any(is_dicom_file(f) for f in folder.rglob("*") if not has_volume_suffix(f))
-    return files + (find_series(folder) if has_dicom else [])
+    series = find_series(folder, notes) if has_dicom else []
+    series_names = set(distinct_series_names(series, [series_name(f) for f in series]))
+    scans = []
+    for f in files:
+        why = dtml_output(f, series_names)
+        if why is None:
+            scans.append(f)
+        elif notes is not None:
+            notes.append(f"{f}: {why}, not a scan; skipped (name the file itself to segment it)")
+    return scans + series
+
+
+def dtml_output(path: Path, series_names: Collection[str] = ()) -> str | None:
+    """Why a volume file found in a folder is an output of an earlier dtml run, or None. The rule: a
+    `<case>_prob|_sdm|_uncertainty` map; the mask of a DICOM series found in the same folder tree (it is
+    named after the series); or a mask beside the `<case>_seg.dcm` dtml wrote with it."""
+    from dtml_deploy.io.dicom_geometry import non_image_kind, read_header
+
+    stem = strip_suffix(path.name)
+    for suffix in MAP_SUFFIXES:
+        if stem.endswith(suffix):
+            return f"a dtml {suffix[1:]} map"
+    if stem in series_names:
+        return "the mask dtml wrote for the DICOM series of the same name"
+    seg = path.with_name(f"{stem}_seg.dcm")
+    if seg.is_file():
+        try:
+            if (non_image_kind(read_header(seg)) or "").endswith("written by dtml"):
+                return f"the mask dtml wrote with {seg.name}"
+        except InputError:
+            return None
+    return None

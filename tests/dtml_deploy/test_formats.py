@@ -78,7 +78,7 @@ def write_itk(path: Path, voxels: np.ndarray, direction: np.ndarray, origin: np.
 
 
 def write_dicom_series(folder: Path, voxels: np.ndarray, direction: np.ndarray, origin: np.ndarray,
-                       number: int = 7, description: str = "LGE 3D", frames: int = 1) -> Path:
+                       number: int = 7, description: str = "LGE 3D", frames: int = 1, patient: str = "LA1") -> Path:
     """One MR Image Storage file per slice, positions along the rotated slice normal."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -92,7 +92,7 @@ def write_dicom_series(folder: Path, voxels: np.ndarray, direction: np.ndarray, 
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MR_STORAGE, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID, ds.PatientName = "MR", "LA1", "Test^LA"
+        ds.Modality, ds.PatientID, ds.PatientName = "MR", patient, "Test^LA"
         ds.StudyDate, ds.StudyTime = "20260101", "120000"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
         ds.SeriesNumber, ds.SeriesDescription, ds.InstanceNumber = number, description, k + 1
@@ -322,6 +322,9 @@ def test_a_missing_extra_is_one_line_naming_it(oblique, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "SimpleITK", None)  # import fails as if not installed
     _expect_error(oblique["nrrd"], r"reading \.nrrd needs SimpleITK: pip install 'dtml\[itk\]'")
     _expect_error(oblique["dicom"], r"reading DICOM needs SimpleITK: pip install 'dtml\[dicom\]'")
+    monkeypatch.setitem(sys.modules, "SimpleITK", sitk)  # installed again: now pydicom is missing
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    _expect_error(oblique["dicom"], r"reading DICOM needs pydicom: pip install 'dtml\[dicom\]'")
     monkeypatch.setitem(sys.modules, "highdicom", None)
     from dtml_deploy.io.dicom_seg import _require
 
@@ -332,7 +335,7 @@ def test_a_missing_extra_is_one_line_naming_it(oblique, monkeypatch, tmp_path):
 def test_dicom_seg_and_its_nifti_appear_together_or_not_at_all(segmented, oblique, monkeypatch, tmp_path):
     import dtml_deploy.io.dicom_seg as dicom_seg
 
-    def full_disk(dataset, path):
+    def full_disk(dataset, path, *checked):
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(dicom_seg, "save_seg", full_disk)

@@ -23,6 +23,7 @@ import numpy as np
 from dtml_deploy.backends.base import Backend, create_backend
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, InputError
+from dtml_deploy.io.outputs import RunPlan
 from dtml_deploy.io.volume import Volume
 from dtml_deploy.protocol import PROTOCOL_SETTINGS, resolve_protocol
 from dtml_deploy.qc import QCResult
@@ -87,7 +88,7 @@ class Prediction:
         folder `out`, or the mask as the file `out` (by its suffix); returns the written paths."""
         paths = self._segmenter.output_paths(self.volume, Path(out), overwrite)
         report = CaseReport(input=str(self.volume.path), status="failed")
-        self._segmenter.save(self.volume, self.segmentation, paths, report)
+        self._segmenter.save(self.volume, self.segmentation, paths, report, overwrite=overwrite)
         self.report = report.to_dict()
         return list(paths.values())
 
@@ -177,6 +178,12 @@ class Predictor:
 
         return segment_batch(self, [Path(p) for p in inputs], Path(output_dir), overwrite,
                              progress or SegmentEvents(), shard)
+
+    def plan(self, inputs: Sequence[str | Path], output_dir: str | Path) -> RunPlan:
+        """The outputs `segment_files` would write, laid out without any work (colliding paths refused)."""
+        from dtml_deploy.batch import plan_outputs
+
+        return plan_outputs(self.segmenter, [Path(p) for p in inputs], Path(output_dir))
 
     def record(self) -> dict[str, Any]:
         """What a report says ran: backend, model, bundle hash and the engine's settings."""

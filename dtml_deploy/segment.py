@@ -21,19 +21,15 @@ from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.errors import DtmlError, InputError, first_line
 from dtml_deploy.fov import cropped_scan_warning
 from dtml_deploy.intensity import Policy, prepare
-from dtml_deploy.io.formats import FILE_FORMATS, map_suffix, resolve_format
+from dtml_deploy.io.formats import input_family
+from dtml_deploy.io.outputs import MAPS, Leftovers, OutputSpec, case_outputs, check_free, output_is_file
 from dtml_deploy.io.volume import Volume, read_volume, write_all_like
 from dtml_deploy.limits import WorkLimits, case_bytes, check_memory, check_voxels, check_windows, seconds_per_window
 from dtml_deploy.qc import QCResult, assess, reference_of
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
-# Output names that make `-o` a file rather than a folder (one input only): the single-file formats written.
-OUTPUT_FILE_SUFFIXES: tuple[str, ...] = tuple(FILE_FORMATS)
-
-
-def output_is_file(path: Path) -> bool:
-    """True when `-o PATH` names one image file (by its suffix) instead of a folder."""
-    return str(path).lower().endswith(OUTPUT_FILE_SUFFIXES)
+__all__ = ["CaseReport", "SegmentOptions", "Segmentation", "Segmenter", "case_error", "case_name", "case_names",
+           "fill_report", "output_is_file"]
 
 
 def case_error(path: Path | str, e: BaseException) -> str:
@@ -96,6 +92,7 @@ class CaseReport:
     geometry_guessed: list[str] | None = None  # what the file lacked and was assumed (h5: spacing, orientation)
     qc: dict[str, Any] | None = None  # score, threshold, flagged, parts, features (see dtml_deploy/qc.py)
     warnings: list[str] | None = None  # about the input (a cropped raw scan: dtml_deploy/fov.py)
+    removed: list[str] | None = None  # files an older run left in the case's output set, removed by --overwrite
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,11 +240,14 @@ class Segmenter:
                                   progress)
 
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
-                     progress: Any = None, name: str | None = None) -> CaseReport:
+                     progress: Any = None, protected: frozenset[str] = frozenset(),
+                     name: str | None = None) -> CaseReport:
         """Segment one file into `out/<case>.nii.gz` (or the file `out`, see `output_is_file`), with the
         optional maps, and report; `name` replaces `case_name(path)` (see `case_names`). Any failure of the
         case (bad input, limits, out of memory, unwritable outputs, an unexpected error) becomes a 'failed'
-        report with one line, so a batch goes on."""
+        report with one line, so a batch goes on. The case's output set is replaced as one unit
+        (io/atomic.py); `protected` (path_keys of the run's inputs and planned outputs, io/outputs.py) are
+        never removed as an older run's leftovers."""
         path = Path(path)
         report = CaseReport(input=str(path), status="failed")
         try:
@@ -255,18 +255,19 @@ class Segmenter:
             vol = self.read(path)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self.output_paths(vol, Path(out), overwrite, name)
+            paths = self.output_paths(vol, Path(out), overwrite, name, protected)
             seg = self.segment_volume(vol, progress)
             seg.seconds["read"] = read_s
-            self.save(vol, seg, paths, report, name)
+            self.save(vol, seg, paths, report, name, overwrite, protected)
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"
             report.error = case_error(path, e)
         return report
 
     def save(self, vol: Volume, seg: Segmentation, paths: dict[str, Path], report: CaseReport,
-             name: str | None = None) -> None:
-        """Write a segmented case's outputs (`output_paths`) as one unit and fill its report."""
+             name: str | None = None, overwrite: bool = False, protected: frozenset[str] = frozenset()) -> None:
+        """Write a segmented case's outputs (`output_paths`) as one unit and fill its report; with `overwrite`
+        the case's whole earlier output set is replaced (io/atomic.py), `protected` files never removed."""
         t = time.perf_counter()
         outputs = dict(paths)
         maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
@@ -282,41 +283,29 @@ class Segmenter:
 
             ds = build_seg(vol, seg.mask, self.bundle.content_hash)
             prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
-        write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared)
+        leftovers = Leftovers(paths, protected)
+        write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared,
+                       exclusive=not overwrite, remove=leftovers if overwrite else ())
+        report.removed = [str(p) for p in leftovers.found] or None
         seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
         report.status = "ok"
         report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
         report.preview = str(paths["preview"]) if "preview" in paths else None
         fill_report(report, vol, seg)
 
-    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False,
-                     name: str | None = None) -> dict[str, Path]:
+    def output_spec(self) -> OutputSpec:
+        """What this segmenter writes per case (io/outputs.py plans a run's paths from it)."""
+        cfg = self.options.engine
+        kept = {"prob": cfg.keep_prob, "sdm": cfg.keep_sdm, "uncertainty": cfg.keep_uncertainty}
+        return OutputSpec(maps=tuple(m for m in MAPS if kept[m]), preview=self.options.preview,
+                          output_format=self.options.output_format)
+
+    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False, name: str | None = None,
+                     protected: frozenset[str] = frozenset()) -> dict[str, Path]:
         """Where a case's outputs go under `out` (a folder, or the mask's file name; `name` replaces
         `case_name(vol.path)`); refused: an output that would replace the input, a DICOM series no SEG can
-        reference, and an existing output unless `overwrite`."""
-        cfg = self.options.engine
-        if output_is_file(out):  # -o mask.nii.gz: the mask is that file, maps go beside it in its format
-            fmt = FILE_FORMATS[next(x for x in FILE_FORMATS if out.name.lower().endswith(x))]
-            if self.options.output_format not in ("auto", fmt):
-                raise InputError(f"{out}: --format {self.options.output_format} disagrees with the file's suffix")
-            out_dir, name = out.parent, case_name(out)
-            ext = out.name[len(name):]
-            paths = {"mask": out}
-        else:
-            name = name or case_name(vol.path)
-            fmt = resolve_format(vol, self.options.output_format)
-            out_dir, ext = out, map_suffix(fmt)
-            paths = {"mask": out_dir / f"{name}{ext}"}
-            if fmt == "dicom-seg":
-                paths["dicom_seg"] = out_dir / f"{name}_seg.dcm"
-        if cfg.keep_prob:
-            paths["prob"] = out_dir / f"{name}_prob{ext}"
-        if cfg.keep_sdm:
-            paths["sdm"] = out_dir / f"{name}_sdm{ext}"
-        if cfg.keep_uncertainty:
-            paths["uncertainty"] = out_dir / f"{name}_uncertainty{ext}"
-        if self.options.preview:
-            paths["preview"] = out_dir / f"{name}_preview.png"
+        reference, and (unless `overwrite`) outputs already there that `protected` does not cover."""
+        paths = case_outputs(vol.path, name or case_name(vol.path), input_family(vol), out, self.output_spec())
         src = vol.path.resolve()
         for p in paths.values():
             if p.resolve() == src:
@@ -325,9 +314,8 @@ class Segmenter:
             from dtml_deploy.io.dicom_seg import check_seg_sources
 
             check_seg_sources(vol)
-        for p in paths.values():
-            if p.exists() and not overwrite:
-                raise InputError(f"{p}: exists (use --overwrite to replace it)")
+        if not overwrite:
+            check_free(paths, protected)
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,

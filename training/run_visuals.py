@@ -21,8 +21,10 @@ def is_main_process() -> bool:
 
 
 def draw_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """Redraw RUN_DIR/train_log.jsonl into `out` (default RUN_DIR/training_curves.png)."""
+    """Redraw RUN_DIR/train_log.jsonl into `out` (default RUN_DIR/training_curves.png); `out` must be a PNG
+    name and may replace only an earlier picture of dtml's (io/reports.py), never the log or a checkpoint."""
     from dtml_deploy.errors import InputError
+    from dtml_deploy.io.reports import PICTURE, check_report_target
     from dtml_deploy.viz.figure import require_matplotlib
 
     require_matplotlib("training_curves.png")
@@ -31,8 +33,10 @@ def draw_curves(run_dir: Path, out: Path | None = None) -> Path:
     log = RunPaths(Path(run_dir)).log
     if not log.is_file():
         raise InputError(f"{log}: no training log (is {run_dir} a `dtml train` run folder?)")
+    out = out or Path(run_dir) / CURVES_PNG
+    check_report_target(out, PICTURE, what="the training curves")
     try:
-        return write_curves(read_log(log), out or Path(run_dir) / CURVES_PNG, title=Path(run_dir).name)
+        return write_curves(read_log(log), out, title=Path(run_dir).name)
     except ValueError as e:
         raise InputError(f"{log}: {e}") from None
 

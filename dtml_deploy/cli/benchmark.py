@@ -60,19 +60,22 @@ def benchmark(
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Folder for exported artifacts (default: a temporary folder, removed)")]
         = _default("workdir"),
-    plot: Annotated[Path | None, typer.Option(
-        help="Also draw the table as a chart (ms per window, Mvox/s) into this PNG (needs dtml[viz])")] = None,
+    plot: Annotated[str | None, typer.Option(
+        help="Also draw the table as a chart (ms per window, Mvox/s) into this PNG, or into a folder as "
+             "benchmark.png (needs dtml[viz])")] = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with user_errors():
-        from dtml_deploy.io.reports import check_report_path
+        from dtml_deploy.io.reports import BENCHMARK_JSON, PICTURE, check_distinct, check_report_target, picture_target
         from dtml_export import benchmark as bench
 
-        for path, what in ((json_out, "the JSON report"), (plot, "the chart")):
-            if path is not None:  # refused before minutes of timing, not after
-                check_report_path(path, what)
-        if plot is not None:
+        chart = None if plot is None else picture_target(plot, "benchmark.png")
+        check_distinct([(json_out, "--json"), (chart, "--plot")])
+        if json_out is not None:  # refused before minutes of timing, not after
+            check_report_target(json_out, BENCHMARK_JSON)
+        if chart is not None:
+            check_report_target(chart, PICTURE, what="the chart")
             require_viz("--plot")
         req = BenchmarkRequest(
             bundle=bundle_path(model), data=tuple(data or ()), device=device, batches=batch_values(batch),
@@ -86,7 +89,7 @@ def benchmark(
         if plot is not None:
             from dtml_deploy.viz.bench_plot import write_benchmark_plot
 
-            write_benchmark_plot(report.to_dict(), plot)
+            write_benchmark_plot(report.to_dict(), chart)
     if min_dice is not None:
         low = bench.below_min_dice(report, min_dice)
         if low:

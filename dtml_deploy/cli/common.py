@@ -177,8 +177,11 @@ def user_errors() -> Iterator[None]:
         yield
     except (DtmlError, ValueError, FileExistsError) as e:
         raise fail(first_line(e, limit=10_000)) from None
-    except JobStopped as e:  # a rank of a torchrun launch told to stop: its finished cases are written
-        raise fail(f"stopped by {e} (torchrun ended the job; see its report)", 143) from None
+    except JobStopped as e:  # a rank of a torchrun launch (or a plain run) told to stop: finished cases are written
+        from dtml_deploy.ranks import Ranks
+
+        why = "torchrun ended the job; see its report" if Ranks.from_env().distributed else "finished cases are written"
+        raise fail(f"stopped by {e} ({why})", 143) from None
 
 
 def bundle_path(model: Path | None) -> Path:

@@ -43,6 +43,9 @@ def case_lines(rep: CaseReport, name: str, model_spacing: tuple[float, float, fl
     score = f", QC score {rep.qc['score']:.2f}" if rep.qc else ""
     lines.append(f"  {name}: {rep.output} ({windows}, {s:.2f} s{agree}{score})")
     lines.extend(f"  warning: {name}: {w}" for w in rep.warnings or ())
+    if rep.removed:
+        lines.append(f"  note: {name}: removed {', '.join(rep.removed)}: left by an earlier run, not written by "
+                     "this one (--overwrite replaces a case's whole output set)")
     flagged = warning_line(name, rep.qc)
     if flagged:
         lines.append(f"  {flagged}")

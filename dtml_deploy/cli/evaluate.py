@@ -126,12 +126,14 @@ def _warn_guessed(rows: list[dict], model_spacing: tuple[float, float, float]) -
 
 
 def _check_outputs(json_out: Path | None, csv_out: Path | None, report: Path | None) -> Any:
-    """Refuse unusable report paths before any work; the thumbnail collector when --report is given."""
-    from dtml_deploy.io.reports import check_report_path
+    """Refuse unusable report paths before any work (a folder, a scan, a label, a prediction, any file but an
+    earlier report of the same kind: io/reports.py); the thumbnail collector when --report is given."""
+    from dtml_deploy.io.reports import EVALUATE_CSV, EVALUATE_HTML, EVALUATE_JSON, check_distinct, check_report_target
 
-    for path, what in ((json_out, "the JSON report"), (csv_out, "the CSV report"), (report, "the HTML report")):
+    check_distinct([(json_out, "--json"), (csv_out, "--csv"), (report, "--report")])
+    for path, kind in ((json_out, EVALUATE_JSON), (csv_out, EVALUATE_CSV), (report, EVALUATE_HTML)):
         if path is not None:
-            check_report_path(path, what)
+            check_report_target(path, kind)
     if report is None:
         return None
     from dtml_deploy.viz.report import Thumbnails

@@ -123,6 +123,7 @@ def segment(
                          progress=progress)
         check_job(job)
         predictor = load_predictor(model, settings, ranks)
+        check_job(job, predictor)
         reports = run_job(predictor, job, ranks, shard, precision_chosen=options.get("precision") is not None,
                           qc=qc)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
@@ -132,14 +133,19 @@ def segment(
     exit_for_failures(sum(r.status != "ok" for r in reports), len(reports))
 
 
-def check_job(job: SegmentJob) -> None:
-    """Refuse, before loading the model, an `-o` file with several inputs and an unusable report path."""
-    from dtml_deploy.batch import check_output
-    from dtml_deploy.io.reports import check_report_path
+def check_job(job: SegmentJob, predictor: Predictor | None = None) -> None:
+    """Refuse an unusable report path before the model loads; once it has (`predictor`), outputs that would
+    collide (io/outputs.py) and a report path that is an input, a planned output or a file other than an
+    earlier segment report (io/reports.py)."""
+    from dtml_deploy.io.reports import SEGMENT_JSON, check_report_path, check_report_target
 
-    check_output(job.inputs, job.output)
+    if predictor is None:
+        if job.json_report is not None:
+            check_report_path(job.json_report, "the JSON report")
+        return
+    plan = predictor.plan(job.inputs, job.output)
     if job.json_report is not None:
-        check_report_path(job.json_report, "the JSON report")
+        check_report_target(job.json_report, SEGMENT_JSON, plan.taken, job.overwrite)
 
 
 def run_job(predictor: Predictor, job: SegmentJob, ranks: Ranks, shard: ShardSettings,

@@ -32,13 +32,17 @@ def input_family(vol: Volume) -> str:
 
 def resolve_format(vol: Volume, fmt: str) -> str:
     """The concrete output format for `vol` ('auto': the input's family)."""
+    return format_for_family(input_family(vol), fmt, vol.path)
+
+
+def format_for_family(family: str, fmt: str, path: Path) -> str:
+    """`resolve_format` for an input of `family` at `path` (known from its name before it is read)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
-    family = input_family(vol)
     if fmt == "auto":
         return _FAMILY_FORMAT[family]
     if fmt == "dicom-seg" and family != "dicom":
-        raise InputError(f"{vol.path}: --format dicom-seg needs a DICOM series as input (this is {family})")
+        raise InputError(f"{path}: --format dicom-seg needs a DICOM series as input (this is {family})")
     return fmt
 
 

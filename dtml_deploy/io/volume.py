@@ -147,8 +147,10 @@ def write_like(ref: Volume, array: np.ndarray, path: Path, dtype: type = np.uint
 
 
 def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]],
-                   prepared: Sequence[tuple[Path, Callable[[Path], None]]] = ()) -> None:
-    """`write_like` for several arrays as one unit: every file appears, or none does.
+                   prepared: Sequence[tuple[Path, Callable[[Path], None]]] = (), exclusive: bool = False,
+                   remove: Sequence[Path] | Callable[[], Sequence[Path]] = ()) -> None:
+    """`write_like` for several arrays as one unit: every file appears, or none does (`exclusive` and
+    `remove` as for io/atomic.atomic_paths).
 
     The format follows each path's suffix (NIfTI, or NRRD/MHA through SimpleITK). `prepared` adds
     outputs already built in memory (a DICOM SEG), each with the function that saves it to a path."""
@@ -170,7 +172,7 @@ def write_all_like(ref: Volume, outputs: Sequence[tuple[Path, np.ndarray, type]]
         if Path(path).resolve() == ref.path.resolve():
             raise InputError(f"{path}: refusing to overwrite the input scan")
     paths = [Path(p) for p, _, _ in outputs] + [Path(p) for p, _ in prepared]
-    with atomic_paths(paths) as tmps:
+    with atomic_paths(paths, exclusive=exclusive, remove=remove) as tmps:
         for tmp, save in zip(tmps, [*savers, *(s for _, s in prepared)], strict=True):
             save(tmp)
 

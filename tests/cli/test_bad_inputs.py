@@ -261,7 +261,8 @@ def test_all_cases_bad_exits_2_and_still_reports(ref, bundle_dir: Path, tmp_path
     bad = []
     for kind in ("zero-voxel-size", "complex64"):
         (tmp_path / kind).mkdir()
-        bad.append(BAD_FILES[kind][0](tmp_path / kind, data, aff))
+        made = BAD_FILES[kind][0](tmp_path / kind, data, aff)
+        bad.append(made.rename(made.with_name(f"{kind}-{made.name}")))  # two case names: no output collision
     r = _cli("segment", *bad, "-o", tmp_path / "out", "--model", bundle_dir, *CPU, "--json", tmp_path / "r.json")
     assert r.exit_code == 2 and len(_errors(r)) == 2 and "Traceback" not in r.output
     assert _files(tmp_path / "out") == []

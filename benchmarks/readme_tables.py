@@ -10,6 +10,7 @@ Sources (each written by the script named in its table's caption):
   results/metrics_speed_cpu.json, results/backend_speed_cpu.json     <- metrics_speed.py / backend_speed.py --json
   results/qc_calibration_cpu.json                                    <- qc_calibration.py analyse
   results/scaling_cpu.json                                           <- scaling.py --json
+  results/serve_throughput_cpu.json                                  <- serve_throughput.py --json
 """
 
 from __future__ import annotations
@@ -171,6 +172,18 @@ def scaling_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def serve_table(doc: dict) -> str:
+    lines = [f"{doc['machine']}; {doc['scans']} real crops of {'x'.join(map(str, doc['crop']))}, the shipped model, "
+             f"device {doc['device']}", "",
+             "| how | total s | scans/s | p50 latency s | p95 latency s | forwards | masks as the CLI's |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, r in doc["modes"].items():
+        lines.append(f"| {mode} | {r['total_s']:.1f} | {r['scans_per_s']:.3f} | {r['latency_p50_s']:.2f} | "
+                     f"{r['latency_p95_s']:.2f} | {fmt(r.get('forwards', ''))} | "
+                     f"{'identical' if r['masks_equal_cli'] else 'DIFFERENT'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for name, title in (("segment_speed_h200.json", "GPU"), ("segment_speed_cpu.json", "CPU")):
         doc = load(name)
@@ -197,6 +210,11 @@ def main() -> None:
         if doc:
             print("**Cases per second across torchrun ranks** (`benchmarks/scaling.py`)\n")
             print(scaling_table(doc), end="\n\n")
+    for name in ("serve_throughput_cpu.json",):
+        doc = load(name)
+        if doc:
+            print("**dtml serve: 8 small scans at once** (`benchmarks/serve_throughput.py`)\n")
+            print(serve_table(doc), end="\n\n")
     for name, title in (("metrics_speed_cpu.json", "Metrics speed"), ("backend_speed_cpu.json", "Backend speed")):
         doc = load(name)
         if doc:

@@ -36,7 +36,7 @@ def test_readme_quick_start_segments_the_sample(tmp_path, monkeypatch):
 def test_every_command_in_the_readme_exists():
     names = set(re.findall(r"^dtml (\w+)", README.read_text(), flags=re.M))
     r = CliRunner().invoke(app, ["--help"])
-    assert names == {"train", "export", "segment", "evaluate", "benchmark", "plot"}
+    assert names == {"train", "export", "segment", "evaluate", "benchmark", "plot", "serve"}
     for name in names:
         assert name in r.output
         assert CliRunner().invoke(app, [name, "--help"]).exit_code == 0

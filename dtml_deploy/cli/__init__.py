@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from dtml_deploy.cli import benchmark, evaluate, export, plot, segment, train
+from dtml_deploy.cli import benchmark, evaluate, export, plot, segment, serve, train
 from dtml_deploy.cli.common import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL", "app", "main"]
@@ -24,6 +24,7 @@ app.command("segment")(segment.segment)
 app.command("evaluate")(evaluate.evaluate)
 app.command("benchmark")(benchmark.benchmark)
 app.command("plot")(plot.plot)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,6 +28,15 @@ from dtml_deploy.cli.common import (
     setting,
     user_errors,
     with_shared,
+)
+from dtml_deploy.cli.dicomweb_inputs import (
+    DicomWebOpt,
+    SeriesOpt,
+    StoreOpt,
+    StudyOpt,
+    check_dicomweb_options,
+    scans_from,
+    stored,
 )
 from dtml_deploy.ranks import ShardSettings
 
@@ -73,10 +82,13 @@ def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> 
     return found
 
 
+InputsArg = Annotated[list[str] | None, typer.Argument(
+    help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")]
+
+
 @with_shared
 def segment(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Scans: files (.nii, .nii.gz, .h5, .nrrd, .nhdr, .mha, .mhd), DICOM series folders, folders or globs")],
+    inputs: InputsArg = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder")] = Path("dtml-seg"),
     model: ModelOpt = None,
     engine: Any = ENGINE_OPTIONS,
@@ -104,6 +116,10 @@ def segment(
     progress: ProgressOpt = default_of(SegmentJob, "progress"),
     rank_timeout: RankTimeoutOpt = default_of(ShardSettings, "stall_timeout_s"),
     inputs_: Any = INPUT_OPTIONS,
+    dicomweb: DicomWebOpt = None,
+    study: StudyOpt = None,
+    series: SeriesOpt = None,
+    store: StoreOpt = False,
     **options: Any,
 ) -> None:
     """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
@@ -112,20 +128,20 @@ def segment(
 
     with user_errors():
         ranks, shard = Ranks.from_env(), ShardSettings(stall_timeout_s=rank_timeout)
-        if preview:
-            require_viz("--preview")
+        require_viz("--preview") if preview else None
         settings = predictor_settings(
             qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
-        job = SegmentJob(inputs=expand_inputs(inputs, echo_err if ranks.is_main else lambda _: None),
-                         output=output, overwrite=overwrite, json_report=json_report,
-                         progress=progress)
+        check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.segment.output_format)
+        job = SegmentJob(inputs=[], output=output, overwrite=overwrite, json_report=json_report, progress=progress)
         check_job(job)
         predictor = load_predictor(model, settings, ranks)
-        check_job(job, predictor)
-        reports = run_job(predictor, job, ranks, shard, precision_chosen=options.get("precision") is not None,
-                          qc=qc)
+        with scans_from(inputs or [], expand_inputs, ranks.is_main, dicomweb, study, series) as scans:
+            job = replace(job, inputs=scans)
+            check_job(job, predictor)
+            reports = stored(run_job(predictor, job, ranks, shard, options.get("precision") is not None, qc),
+                             dicomweb if store else None, echo_err)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:

@@ -20,6 +20,7 @@ from dtml_deploy.limits import WorkLimits
 from dtml_deploy.protocol import DTML, InferenceProtocol
 from dtml_deploy.ranks import ShardSettings
 from dtml_deploy.segment import SegmentOptions
+from dtml_deploy.serve.settings import ServeSettings
 from dtml_deploy.settings import ROUTES, PredictorSettings
 from dtml_export.benchmark import BenchmarkRequest
 from dtml_export.pipeline import ExportRequest
@@ -50,13 +51,18 @@ CORE: dict[str, dict[str, tuple[type, str]]] = {
                  "rank_timeout": (ShardSettings, "stall_timeout_s")},
     "export": {f.name: (ExportRequest, f.name) for f in fields(ExportRequest)
                if f.name not in ("bundle", "out_dir", "precisions", "trt_fp16")},
+    "serve": {**_SEGMENT,
+              **{f.name: (ServeSettings, f.name) for f in fields(ServeSettings)
+                 if f.name in ("host", "port", "token_file", "workers", "queue", "max_upload_mb", "store")},
+              "drain_seconds": (ServeSettings, "drain_s")},
     "benchmark": {"device": (BenchmarkRequest, "device"), "repeats": (BenchmarkRequest, "repeats"),
                   "warmup": (BenchmarkRequest, "warmup"), "min_dice": (BenchmarkRequest, "min_dice"),
                   "output": (BenchmarkRequest, "workdir")},
 }
 # Options that set no core field (paths, report files, switches of the command itself), per command.
 CLI_ONLY = {
-    "segment": {"inputs", "output", "model"},
+    "segment": {"inputs", "output", "model", "dicomweb", "study", "series", "store"},
+    "serve": {"model", "retention_hours"},  # retention_hours: ServeSettings.retention_s in hours (tested below)
     "evaluate": {"pred_dir", "gt_dir", "model", "data", "labels", "cases", "json_out", "csv_out", "report",
                  "ignore_geometry", "progress"},
     "export": {"model", "output", "precision", "trt_precision"},
@@ -108,6 +114,11 @@ def test_every_option_default_is_its_core_default(command: str) -> None:
             assert shown is False if expected is None else str(shown).endswith(text), (name, shown, expected)
         else:
             assert got == expected, f"{command} --{name.replace('_', '-')}: {got!r} != {cls.__name__}.{field_name}"
+
+
+def test_serve_retention_default_is_the_core_one_in_hours() -> None:
+    params = {p.name: p for p in _commands()["serve"].params}
+    assert params["retention_hours"].default * 3600 == _default_of(ServeSettings, "retention_s")
 
 
 def test_export_trt_precision_default_follows_the_request() -> None:

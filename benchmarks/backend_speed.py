@@ -33,9 +33,9 @@ from common import machine, table
 
 from dtml_deploy.artifacts import FORMATS
 from dtml_deploy.backends.base import BackendOptions, create_backend
-from export.formats import artifact_path, missing_packages
-from export.onnx_export import export_onnx_info
-from export.verify import random_bundle
+from dtml_export.formats import artifact_path, missing_packages
+from dtml_export.onnx_export import export_onnx_info
+from tests.bundles import random_bundle
 
 OUTPUTS = ("p_seg", "p_dis")
 
@@ -94,7 +94,7 @@ def _pair_gflop(n_filters: int, patch: tuple[int, ...]) -> float:
     return 2 * total / 1e9
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-filters", type=int, default=16)
     ap.add_argument("--patch", type=int, nargs=3, default=(112, 112, 80), metavar=("D", "H", "W"))
@@ -106,21 +106,22 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also time torch bf16 on the CPU (not fp32: context only)")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU rows (on a CUDA machine)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows and the table as JSON")
-    args = ap.parse_args()
-    patch = tuple(args.patch)
-    threads = torch.get_num_threads()
+    return ap.parse_args()
 
+
+def _rows(args: argparse.Namespace, tmp: Path) -> dict[str, Callable[[], object]]:
+    """Each row: a call that runs one batch of windows on one backend configuration."""
+    patch = tuple(args.patch)
     bundle = random_bundle(args.n_filters, patch, centre_heads=False)  # type: ignore[arg-type]
     x = torch.randn(args.batch, 1, *patch, generator=torch.Generator().manual_seed(0))
     rows: dict[str, Callable[[], object]] = {}
-    notes: dict[str, str] = {}
-    tmp = Path(tempfile.mkdtemp(prefix="dtml-bench-"))
     have_ort = not missing_packages(FORMATS["onnx"]) and not missing_packages(FORMATS["onnx"], run=True)
 
     def backend(name: str, device: str, **kw: object) -> Callable[[], object]:
-        b = create_backend(name, bundle, BackendOptions(device=device, batch=args.batch, **kw), OUTPUTS)
+        # fp32 without the CUDA extras unless a row names them (the rows compare plain layouts and runtimes)
+        kw = {"precision": "fp32", "cuda_graphs": False, "cudnn_fusion": False, **kw}
+        b = create_backend(name, bundle, BackendOptions(device=device, batch=args.batch, **kw), OUTPUTS)  # type: ignore[arg-type]
         xd = x.to(device)
-        notes[b.describe()] = ""
         return lambda: b.predict(xd)
 
     onnx_fp32 = None
@@ -139,7 +140,8 @@ def main() -> None:
                 p16 = export_onnx_info(bundle, artifact_path(tmp, "onnx", "fp16"), "fp16").path
                 rows["onnxruntime fp16 graph (CPU EP)"] = backend("onnx", "cpu", artifact=p16, precision="fp16")
             if args.explore:
-                rows.update({k: (lambda f=f: f(x)) for k, f in _ort_session_variants(onnx_fp32, threads).items()})
+                variants = _ort_session_variants(onnx_fp32, torch.get_num_threads())
+                rows.update({k: (lambda f=f: f(x)) for k, f in variants.items()})
     if torch.cuda.is_available():
         rows["torch fp32 CUDA (channels_last_3d)"] = backend("torch", "cuda")
         rows["torch fp16 CUDA (channels_last_3d)"] = backend("torch", "cuda", precision="fp16")
@@ -150,30 +152,39 @@ def main() -> None:
                 rows["onnxruntime fp32 (CUDA EPs)"] = backend("onnx", "cuda", artifact=onnx_fp32)
             else:
                 print("onnxruntime here has no CUDA EP (install onnxruntime-gpu for those rows)")
+    return rows
 
+
+def _time(rows: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each row: warm-up first, then interleaved rounds (so drift hits every row)."""
     times: dict[str, list[float]] = {k: [] for k in rows}
     for name, fn in rows.items():
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             fn()
         _sync()
         print(f"warmed up: {name}", flush=True)
-    for r in range(args.repeats):
+    for r in range(repeats):
         for name, fn in rows.items():
             _sync()
             t0 = time.perf_counter()
             fn()
             _sync()
             times[name].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.repeats} done", flush=True)
+        print(f"round {r + 1}/{repeats} done", flush=True)
+    return times
+
+
+def _report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
+    patch = tuple(args.patch)
 
     def ms(name: str) -> float:
         return 1000 * statistics.median(times[name]) / args.batch
 
-    base = "torch fp32 (contiguous)" if "torch fp32 (contiguous)" in rows else next(iter(rows))
+    base = "torch fp32 (contiguous)" if "torch fp32 (contiguous)" in times else next(iter(times))
     gflop = _pair_gflop(args.n_filters, patch)
     out = [{"backend": name, "ms / window": ms(name), "min ms / window": 1000 * min(times[name]) / args.batch,
-            "GFLOP/s": gflop / ms(name) * 1000, "vs " + base: ms(base) / ms(name)} for name in rows]
-    print(f"\n{machine()}; torch threads {threads}")
+            "GFLOP/s": gflop / ms(name) * 1000, "vs " + base: ms(base) / ms(name)} for name in times]
+    print(f"\n{machine()}; torch threads {torch.get_num_threads()}")
     print(f"pair n_filters={args.n_filters}, patch {patch}, batch {args.batch}, outputs {OUTPUTS}, "
           f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
           f"{gflop:.1f} GFLOP per window (convolutions of both networks)\n")
@@ -184,14 +195,18 @@ def main() -> None:
 
         args.json.write_text(json.dumps({"machine": f"{machine()}; batch {args.batch}, n_filters {args.n_filters}",
                                          "markdown": md, "rows": out}, indent=2) + "\n")
-    if "onnxruntime fp32 (CPU EP)" in rows:
-        best_torch = min(ms(n) for n in rows if n.startswith("torch fp32 (") and "CUDA" not in n)
+    if "onnxruntime fp32 (CPU EP)" in times:
+        best_torch = min(ms(n) for n in times if n.startswith("torch fp32 (") and "CUDA" not in n)
         ratio = best_torch / ms("onnxruntime fp32 (CPU EP)")
         print(f"\nonnxruntime fp32 vs the faster torch fp32 layout, same batch: {ratio:.2f}x "
               f"({'meets' if ratio >= 1.3 else 'misses'} the 1.3x target)")
-    for p in tmp.iterdir():
-        p.unlink()
-    tmp.rmdir()
+
+
+def main() -> None:
+    args = _args()
+    with tempfile.TemporaryDirectory(prefix="dtml-bench-") as tmp:
+        rows = _rows(args, Path(tmp))
+        _report(args, _time(rows, args.warmup, args.repeats))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from export.benchmark import machine as export_machine
-from export.benchmark import markdown_table
+from dtml_export.benchmark import machine as export_machine
+from dtml_export.benchmark import markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -43,32 +43,12 @@ def realistic_prediction(gt: np.ndarray) -> np.ndarray:
     return pred.astype(np.uint8)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="data root holding LA2018/ (default: $DTML_DATA or ../shared/data)")
-    parser.add_argument("--cases", type=int, default=10, help="number of labels to time (default 10)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the totals as JSON")
-    args = parser.parse_args(argv)
-    if args.cases < 1:
-        parser.error("--cases must be >= 1")
-
-    sys.path.insert(0, str(REPO))
+def _time_cases(files: list[Path]) -> tuple[float, float, int]:
+    """medpy's and case_metrics' seconds over `files` (labels vs perturbed predictions), and mismatches."""
     import nibabel as nib
     from medpy.metric import binary as medpy_binary
 
-    from dtml_deploy.io.datasets import find_la2018
     from dtml_deploy.metrics import case_metrics
-
-    if args.data is None:
-        args.data = find_la2018()
-        if args.data is None:
-            raise SystemExit("no LA2018 found: set DTML_DATA or pass --data")
-
-    files = sorted(labels_dir(args.data).glob("*.nii.gz"))[: args.cases]
-    if not files:
-        raise SystemExit(f"no labels in {labels_dir(args.data)}")
-    case_metrics(*(np.zeros((4, 4, 4), np.uint8),) * 2)  # import/warm-up outside the timings
 
     total_medpy = total_ours = 0.0
     mismatches = 0
@@ -97,6 +77,34 @@ def main(argv: list[str] | None = None) -> int:
               f"{(t1 - t0) / (t2 - t1):6.1f}  {ours['dice']:.4f} {ours['hd95']:7.3f} {ours['asd']:7.4f}"
               f"{'' if same else '  MISMATCH ' + str(ref)}")
 
+    return total_medpy, total_ours, mismatches
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data root holding LA2018/ (default: $DTML_DATA or ../shared/data)")
+    parser.add_argument("--cases", type=int, default=10, help="number of labels to time (default 10)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the totals as JSON")
+    args = parser.parse_args(argv)
+    if args.cases < 1:
+        parser.error("--cases must be >= 1")
+
+    sys.path.insert(0, str(REPO))
+    from dtml_deploy.io.datasets import find_la2018
+    from dtml_deploy.metrics import case_metrics
+
+    if args.data is None:
+        args.data = find_la2018()
+        if args.data is None:
+            raise SystemExit("no LA2018 found: set DTML_DATA or pass --data")
+
+    files = sorted(labels_dir(args.data).glob("*.nii.gz"))[: args.cases]
+    if not files:
+        raise SystemExit(f"no labels in {labels_dir(args.data)}")
+    case_metrics(*(np.zeros((4, 4, 4), np.uint8),) * 2)  # import/warm-up outside the timings
+
+    total_medpy, total_ours, mismatches = _time_cases(files)
     print(f"total over {len(files)} cases: medpy {total_medpy:.3f} s, case_metrics {total_ours:.3f} s, "
           f"speedup {total_medpy / total_ours:.1f}x; values identical: {mismatches == 0}")
     if args.json:

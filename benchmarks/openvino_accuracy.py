@@ -34,8 +34,8 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.metrics import agreement, case_metrics
-from dtml_deploy.runner import InferenceSettings, build_segmenter
-from export.pipeline import ExportRequest, run_export
+from dtml_deploy.predictor import Predictor
+from dtml_export.pipeline import ExportRequest, run_export
 
 MODEL = REPO / "dtml_deploy" / "default_model"
 OUT = REPO / "benchmarks" / "results" / "openvino_accuracy_cpu.json"
@@ -140,8 +140,8 @@ def main() -> None:
                   export=report.get("export") or make_export(args.export, root, splits["labeled_16"],
                                                              args.calibration_cases))
     bundle = Bundle.load(MODEL)
-    segmenters = {p: build_segmenter(InferenceSettings(model=MODEL, backend="openvino", device="cpu",
-                                                       artifact=args.export / f"model-{p}.xml"), bundle)
+    segmenters = {p: Predictor.load(bundle, backend="openvino", device="cpu",
+                                    artifact=args.export / f"model-{p}.xml").segmenter
                   for p in ("fp32", "int8")}
     report["settings"] = {p: s.backend.describe() for p, s in segmenters.items()}
     rows = report.setdefault("cases", [])

@@ -42,7 +42,7 @@ from dtml_deploy.metrics import agreement
 MODEL = REPO / "dtml_deploy" / "default_model"
 OUT = REPO / "benchmarks" / "results" / "openvino_speed_cpu.json"
 GRIDS = {"paper": (GridSpec(stride=PAPER_STRIDE), "constant"), "default": (GridSpec(), "gaussian")}
-BATCH = 4  # dtml's CPU default (dtml_deploy/runner.py: default_batch)
+BATCH = 4  # dtml's CPU default (BackendOptions.resolved)
 
 
 def _paper_loop_seconds(volume: np.ndarray) -> float:

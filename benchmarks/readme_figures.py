@@ -23,11 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dtml_deploy.cli import DEFAULT_MODEL  # noqa: E402
 from dtml_deploy.evaluate import score_model  # noqa: E402
 from dtml_deploy.io.datasets import open_source  # noqa: E402
 from dtml_deploy.metrics import summarise  # noqa: E402
-from dtml_deploy.runner import InferenceSettings, SegmentJob, build_segmenter, run_segment  # noqa: E402
+from dtml_deploy.predictor import Predictor  # noqa: E402
 from dtml_deploy.viz.bench_plot import write_benchmark_plot  # noqa: E402
 from dtml_deploy.viz.curves import write_curves  # noqa: E402
 from dtml_deploy.viz.report import PAPER, Thumbnails, write_html_report  # noqa: E402
@@ -40,19 +39,18 @@ CASE = "SN4LF8SGBSRQUPTDSX78"  # the README's quick-start scan
 
 def preview() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        job = SegmentJob(inputs=[SAMPLE / "images" / f"{CASE}.nii.gz"], output=Path(tmp), progress=False)
-        (rep,) = run_segment(job, InferenceSettings(model=DEFAULT_MODEL, device="cpu", preview=True))
+        (rep,) = Predictor.load(device="cpu", preview=True).segment_files([SAMPLE / "images" / f"{CASE}.nii.gz"],
+                                                                           Path(tmp))  # type: ignore[misc]
         shutil.copy(rep.preview, DOCS / "preview.png")
 
 
 def sample_report() -> None:
-    req = InferenceSettings(model=DEFAULT_MODEL, device="cpu", save_uncertainty=True)
-    segmenter = build_segmenter(req)
+    predictor = Predictor.load(device="cpu", keep_uncertainty=True)
     source = open_source(SAMPLE)
     thumbs = Thumbnails()
-    rows = score_model(segmenter, [source.labeled(i) for i in source.case_ids], visit=thumbs)
-    extra = {"model": "dtml_deploy/default_model", "bundle_hash": segmenter.bundle.content_hash,
-             "backend": segmenter.backend.describe(), "engine": {"head": req.head},
+    rows = score_model(predictor, [source.labeled(i) for i in source.case_ids], visit=thumbs)
+    extra = {"model": "dtml_deploy/default_model", "bundle_hash": predictor.bundle.content_hash,
+             "backend": predictor.describe(), "engine": {"head": predictor.settings.engine.head},
              "cases_from": "tests/data/la_sample"}
     write_html_report(DOCS / "sample_report.html", rows, summarise(rows), extra, thumbs.png)
 

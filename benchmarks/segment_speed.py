@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests/bundles.py
 from common import find_data, machine, table
 from reference import reference_sliding_window
 
@@ -35,7 +36,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec, window_starts
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
-from export.verify import random_bundle
+from tests.bundles import random_bundle
 
 
 def sync() -> None:
@@ -60,6 +61,7 @@ def engine_fn(bundle: Bundle, volume: np.ndarray, grid: GridSpec, blend: str, ou
               **opts: object) -> Callable[[], object]:
     """A closure running dtml's engine: host volume in, host mask out, plus the probability map when
     `keep_prob` (into out['prob']). out['check']() fills out['prob'] (one more run if it was not kept)."""
+    opts = {"precision": "fp32", "cuda_graphs": False, "cudnn_fusion": False, **opts}  # what each row names
     backend = create_backend(str(opts.pop("backend", "torch")), bundle, BackendOptions(**opts),  # type: ignore[arg-type]
                              ("p_seg", "p_dis"))
 
@@ -271,7 +273,7 @@ def main() -> None:
 def _onnx_artifact(bundle: Bundle) -> Path:
     import tempfile
 
-    from export.onnx_export import export_onnx
+    from dtml_export.onnx_export import export_onnx
 
     path = Path(tempfile.mkdtemp()) / "dtml-fp32.onnx"
     export_onnx(bundle, path, precision="fp32")

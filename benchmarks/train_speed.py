@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import find_data, machine, table
 
 from dtml_deploy.io.datasets import make_split, open_source
-from training.recipes import recipe
-from training.trainer import Trainer
+from dtml_training.recipes import recipe
+from dtml_training.trainer import Trainer
 
 
 def measure(data: Path, amp: str, warmup: int, timed: int, n_filters: int, patch: tuple[int, int, int],

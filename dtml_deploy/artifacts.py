@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtml_deploy import __version__
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.config import ModelConfig
-from dtml_deploy.errors import BackendUnavailable, BundleError
+from dtml_deploy.errors import BackendUnavailable, BundleError, first_line
+from dtml_deploy.version import __version__
 
 ONNX_INPUT = "image"
 # Every exported graph has these outputs, in this order (all float32, [B, 1, D, H, W]).
@@ -55,6 +55,8 @@ class ArtifactFormat:
     precisions: tuple[str, ...]  # precision variants that can be produced
     needs_gpu: bool  # building and running need a CUDA device
     extra: str = ""  # pip extra that installs the run packages
+    title: str = ""  # the runtime's name in tables (`dtml benchmark` rows)
+    benchmarked: tuple[str, ...] = ()  # the precisions `dtml benchmark` times (export/bench_rows.py)
 
     def filename(self, precision: str) -> str:
         """Default file name inside an export folder, e.g. `model-fp32.onnx`."""
@@ -66,11 +68,13 @@ class ArtifactFormat:
 # The one table the exporter, the backends, the CLI and the benchmark read.
 FORMATS: dict[str, ArtifactFormat] = {
     "onnx": ArtifactFormat("onnx", ".onnx", "onnx", ("torch", "onnx"), ("onnxruntime",),
-                           ("fp32", "fp16"), needs_gpu=False, extra="onnx"),
+                           ("fp32", "fp16"), needs_gpu=False, extra="onnx", title="onnxruntime",
+                           benchmarked=("fp32", "fp16")),
     "trt": ArtifactFormat("trt", ".engine", "trt", ("tensorrt", "onnx"), ("tensorrt", "torch"),
-                          ("fp32", "fp16"), needs_gpu=True, extra="trt"),
+                          ("fp32", "fp16"), needs_gpu=True, extra="trt", title="TensorRT", benchmarked=("fp16",)),
     "openvino": ArtifactFormat("openvino", ".xml", "openvino", ("torch", "onnx", "onnxruntime", "openvino", "nncf"),
-                               ("openvino",), ("fp32", "int8"), needs_gpu=False, extra="openvino"),
+                               ("openvino",), ("fp32", "int8"), needs_gpu=False, extra="openvino", title="OpenVINO",
+                               benchmarked=("fp32", "int8")),
 }
 # What makes each format (quoted by error messages).
 EXPORT_COMMANDS = {"onnx": EXPORT_ONNX, "trt": EXPORT_TRT, "openvino": EXPORT_OPENVINO}
@@ -154,7 +158,7 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # protobuf raises its own DecodeError
-            raise BundleError(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
+            raise BundleError(f"{path}: not a readable ONNX file ({first_line(e)})") from None
         return {p.key: p.value for p in model.metadata_props}
     try:
         import onnxruntime as ort
@@ -164,7 +168,7 @@ def read_onnx_metadata(path: Path) -> dict[str, str]:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BundleError(f"{path}: not a loadable ONNX file ({_first_line(e)})") from None
+        raise BundleError(f"{path}: not a loadable ONNX file ({first_line(e)})") from None
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -324,11 +328,6 @@ def check_trt_sidecar(sidecar: TrtSidecar | Mapping[str, Any], *, bundle_hash: s
         raise BackendUnavailable(
             f"TensorRT engine was built for {sc.gpu_name} (sm_{sc.compute_capability[0]}{sc.compute_capability[1]}), "
             f"this GPU is {gpu_name} (sm_{cc[0]}{cc[1]}); {rebuild}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def require_artifact(artifact: Path | None, fmt: str) -> Path:

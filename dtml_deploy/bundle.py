@@ -22,7 +22,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dtml_deploy import __version__
 from dtml_deploy.bundle_schema import DTYPES, META_KEYS, check_dtypes, check_top_level, check_weights, shard_path
 from dtml_deploy.checks import is_int
 from dtml_deploy.config import ModelConfig
@@ -30,6 +29,7 @@ from dtml_deploy.errors import BundleError
 from dtml_deploy.io.atomic import atomic_dir
 from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.nets.dual import DualTaskNet
+from dtml_deploy.version import __version__
 
 FORMAT = "dtml-bundle"
 FORMAT_VERSION = 1

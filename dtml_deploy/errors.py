@@ -23,3 +23,14 @@ class BackendUnavailable(DtmlError):
 
 class OutOfMemory(DtmlError):
     """The device ran out of memory; the message says which setting to change."""
+
+
+def first_line(e: BaseException, limit: int = 300, typed: bool = False) -> str:
+    """An exception as one short line: the first non-blank line of its message (its type name when it has
+    none), at most `limit` characters. `typed` prefixes the type name to anything but the toolkit's own
+    errors, so an unexpected error stays recognisable as a bug."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if typed and not isinstance(e, DtmlError):
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return (text or type(e).__name__)[:limit]

@@ -24,9 +24,10 @@ import io
 import json
 import math
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,8 +39,11 @@ from dtml_deploy.io.refs import read_ref
 from dtml_deploy.io.reports import write_report_text
 from dtml_deploy.io.volume import Volume, has_volume_suffix, read_volume
 from dtml_deploy.metrics import case_metrics, summarise
-from dtml_deploy.ranks import Beat, Ranks, ShardSettings, run_cases
+from dtml_deploy.ranks import Beat, ShardSettings, run_cases
 from dtml_deploy.segment import Segmenter, case_error, case_name
+
+if TYPE_CHECKING:
+    from dtml_deploy.predictor import Predictor
 
 COLUMNS = ("dice", "jaccard", "asd", "hd95", "asd_mm", "hd95_mm")
 HEADERS = {"dice": "Dice %", "jaccard": "Jaccard %", "asd": "ASD vox", "hd95": "95HD vox",
@@ -141,36 +145,32 @@ def score_folders(pred_dir: Path, gt_dir: Path, ignore_geometry: bool = False,
     return rows, unscored
 
 
-@runtime_checkable
-class CarriedOutputs(Protocol):
-    """A `visit` hook that keeps a per-case output (report thumbnails) which must reach rank 0."""
-
-    def take(self, case: str) -> bytes | None: ...
-
-    def put(self, case: str, data: bytes) -> None: ...
-
-
-def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
+def score_model(predictor: Predictor, cases: Sequence[LabeledCase],
                 progress: Callable[[str], None] | None = None,
                 ignore_geometry: bool = False, visit: Callable[..., None] | None = None,
-                ranks: Ranks = Ranks(), shard: ShardSettings = ShardSettings()) -> list[dict[str, Any]] | None:
-    """Segment each case's image with `segmenter` and score it against its label; a case that fails
+                shard: ShardSettings = ShardSettings()) -> list[dict[str, Any]] | None:
+    """Segment each case's image with `predictor` and score it against its label; a case that fails
     (unreadable image or label, grids that differ, limits, ...) is a 'failed' row. `visit(case, mask=,
     label=, spacing=, affine=, image=, uncertainty=)` sees each scored case's arrays (report thumbnails).
     Under torchrun the cases are shared among the ranks (dtml_deploy/ranks.py): rank 0 returns every row
-    in case order (a case the job stopped before is a failed row), and receives what a `CarriedOutputs`
-    visit kept on the other ranks; the other ranks return None. `progress(case)` runs on rank 0 as each
-    case arrives."""
-    carried = ranks.distributed and isinstance(visit, CarriedOutputs)
+    in case order (a case the job stopped before is a failed row), the other ranks None. Only results
+    travel between ranks: a case's row and, when `visit` is given, its mask and uncertainty (packed);
+    rank 0 reads the image and label again from their paths and calls `visit` for every case.
+    `progress(case)` runs on rank 0 as each case arrives."""
+    segmenter, ranks = predictor.segmenter, predictor.ranks
+    carry = ranks.distributed and visit is not None
 
     def work(i: int, beat: Beat) -> dict[str, Any]:
-        row = _score_case(segmenter, cases[i], ignore_geometry, visit, beat)
-        data = visit.take(cases[i].case_id) if carried else None  # type: ignore[union-attr]
-        return {"row": row, "carried": base64.b64encode(data).decode("ascii") if data else None}
+        kept: dict[str, Any] = {}
+        row = _score_case(segmenter, cases[i], ignore_geometry, _packer(kept) if carry else visit, beat)
+        return {"row": row, **kept}
 
     def on_result(i: int, result: dict[str, Any]) -> None:  # rank 0 only
-        if result["carried"] is not None:
-            visit.put(cases[i].case_id, base64.b64decode(result["carried"]))  # type: ignore[union-attr]
+        if carry and "mask" in result:
+            try:
+                _visit_from_result(segmenter, cases[i], result, visit)  # type: ignore[arg-type]
+            except Exception as e:  # a case whose thumbnail fails is one failed row, as in one process
+                result["row"] = _failed(cases[i].case_id, case_error(cases[i].image.path, e))
         if progress is not None:
             progress(cases[i].case_id)
 
@@ -182,6 +182,39 @@ def score_model(segmenter: Segmenter, cases: Sequence[LabeledCase],
         return None
     return [r["row"] if r is not None else _failed(c.case_id, f"{c.image.path}: not scored: {outcome.stopped}")
             for c, r in zip(cases, outcome.results)]
+
+
+def _packer(kept: dict[str, Any]) -> Callable[..., None]:
+    """A `visit` that keeps a case's results as JSON-able text: the mask as bits, the uncertainty (in
+    [0, 1]) in 1/255 steps, each zlib-compressed (a few tens of kB for an LA scan)."""
+    def keep(case: str, *, mask: np.ndarray, uncertainty: np.ndarray | None = None, **_: Any) -> None:
+        kept["shape"] = list(mask.shape)
+        kept["mask"] = _pack(np.packbits(np.asarray(mask, dtype=bool)))
+        if uncertainty is not None:
+            kept["uncertainty"] = _pack(np.rint(np.clip(uncertainty, 0.0, 1.0) * 255).astype(np.uint8))
+    return keep
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(a.tobytes(), 6)).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+
+
+def _visit_from_result(segmenter: Segmenter, case: LabeledCase, result: dict[str, Any],
+                       visit: Callable[..., None]) -> None:
+    """Rank 0: `visit` a case another rank scored, from its carried results and its files."""
+    shape = tuple(result["shape"])
+    mask = np.unpackbits(_unpack(result["mask"]), count=int(np.prod(shape))).reshape(shape)
+    unc = (_unpack(result["uncertainty"]).reshape(shape).astype(np.float32) / 255
+           if "uncertainty" in result else None)
+    spacing, opts = segmenter.bundle.model.spacing, segmenter.options
+    img = read_ref(case.image, spacing, spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+    lab = read_ref(case.label, spacing, role="label", spacing=opts.spacing, max_voxels=opts.limits.max_voxels)
+    visit(case.case_id, mask=mask, label=lab.array, spacing=img.spacing, affine=img.affine, image=img.array,
+          uncertainty=unc)
 
 
 def _score_case(segmenter: Segmenter, case: LabeledCase, ignore_geometry: bool,

@@ -20,7 +20,7 @@ from dtml_deploy.segment import SegmentOptions
 
 
 @dataclass(frozen=True)
-class Protocol:
+class InferenceProtocol:
     """Window grid, blending, precision, head, post-processing and TTA of one protocol."""
 
     name: str
@@ -34,11 +34,13 @@ class Protocol:
 
 
 _ENGINE, _SEGMENT = EngineConfig(), SegmentOptions()
-DTML = Protocol("dtml", overlap=_ENGINE.grid.overlap, stride=None, blend=_ENGINE.blend, precision=None,
+DTML = InferenceProtocol("dtml", overlap=_ENGINE.grid.overlap, stride=None, blend=_ENGINE.blend, precision=None,
                 head=_ENGINE.head, lcc=_SEGMENT.lcc, tta=_ENGINE.tta)
-PAPER = Protocol("paper", overlap=None, stride=PAPER_STRIDE, blend="constant", precision="fp32", head="seg",
+PAPER = InferenceProtocol("paper", overlap=None, stride=PAPER_STRIDE, blend="constant", precision="fp32", head="seg",
                  lcc=True, tta=False)
-PROTOCOLS: dict[str, Protocol] = {"dtml": DTML, "paper": PAPER}
+PROTOCOLS: dict[str, InferenceProtocol] = {"dtml": DTML, "paper": PAPER}
+# The settings a protocol fixes (PredictorSettings fields of these names).
+PROTOCOL_SETTINGS: tuple[str, ...] = ("overlap", "stride", "blend", "precision", "head", "lcc", "tta")
 _FLAGS = {"overlap": "--overlap", "stride": "--stride", "blend": "--blend", "precision": "--precision",
           "head": "--head", "lcc": "--lcc/--no-lcc", "tta": "--tta/--no-tta"}
 
@@ -51,12 +53,12 @@ def _shown(key: str, value: Any) -> str:
     return f"{_FLAGS[key]} {value}"
 
 
-def resolve_protocol(name: str, **explicit: Any) -> Protocol:
+def resolve_protocol(name: str, **explicit: Any) -> InferenceProtocol:
     """Protocol `name` with the settings the user gave explicitly (None: not given); see the module
     docstring for the rule. Raises ValueError for an unknown protocol or a contradiction."""
     if name not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {tuple(PROTOCOLS)}, got {name!r}")
-    unknown = set(explicit) - {f.name for f in fields(Protocol)} - {"name"}
+    unknown = set(explicit) - {f.name for f in fields(InferenceProtocol)} - {"name"}
     if unknown:
         raise ValueError(f"unknown protocol settings: {sorted(unknown)}")
     given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in explicit.items() if v is not None}
@@ -74,7 +76,7 @@ def resolve_protocol(name: str, **explicit: Any) -> Protocol:
     return replace(base, **given)
 
 
-def request_fields(p: Protocol) -> dict[str, Any]:
-    """A protocol's settings as InferenceSettings keyword arguments (the overlap is unused under a stride)."""
+def protocol_fields(p: InferenceProtocol) -> dict[str, Any]:
+    """A protocol's settings as `PredictorSettings.build` keywords (the overlap is unused under a stride)."""
     return {"overlap": GridSpec().overlap if p.overlap is None else p.overlap, "stride": p.stride,
             "blend": p.blend, "precision": p.precision, "head": p.head, "lcc": p.lcc, "tta": p.tta}

@@ -18,7 +18,7 @@ from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import window_count
 from dtml_deploy.engine.postprocess import largest_component
 from dtml_deploy.engine.sliding import EngineConfig, SlidingWindowEngine
-from dtml_deploy.errors import DtmlError, InputError
+from dtml_deploy.errors import DtmlError, InputError, first_line
 from dtml_deploy.fov import cropped_scan_warning
 from dtml_deploy.intensity import Policy, prepare
 from dtml_deploy.io.formats import input_family
@@ -28,18 +28,18 @@ from dtml_deploy.limits import WorkLimits, case_bytes, check_memory, check_voxel
 from dtml_deploy.qc import QCResult, assess, reference_of
 from dtml_deploy.resample import resize, spacing_differs, target_shape
 
-__all__ = ["CaseReport", "SegmentOptions", "Segmentation", "Segmenter", "case_error", "case_name", "output_is_file"]
+__all__ = ["CaseReport", "SegmentOptions", "Segmentation", "Segmenter", "case_error", "case_name", "case_names",
+           "fill_report", "output_is_file"]
 
 
 def case_error(path: Path | str, e: BaseException) -> str:
     """One line for a case that failed: the toolkit's own errors as they are, anything else with its type
     name (an unexpected error stays recognisable as a bug while the batch goes on)."""
     if isinstance(e, DtmlError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
+        return first_line(e, limit=10_000)
     if isinstance(e, OSError) and e.strerror:  # an output that cannot be written (disk full, a folder in the way)
         return f"{path}: cannot write its outputs: {e.strerror}" + (f": {e.filename}" if e.filename else "")
-    first = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{path}: {type(e).__name__}" + (f": {first}" if first else "")
+    return f"{path}: {first_line(e, limit=200 + len(type(e).__name__) + 2, typed=True)}"
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,21 @@ def case_name(path: Path) -> str:
     if not has_volume_suffix(path) and (path.is_dir() or is_dicom_file(path)):
         return series_name(path) if path.is_file() else path.name
     return strip_suffix(path.name)
+
+
+def fill_report(report: CaseReport, vol: Volume, seg: Segmentation) -> None:
+    """The per-case facts of a segmented volume (shape, spacing, windows, QC, timings) into `report`."""
+    report.geometry_guessed = list(vol.guessed) or None
+    report.shape = list(vol.shape)
+    report.spacing = [float(s) for s in vol.spacing]
+    report.windows = seg.windows
+    report.agreement = seg.agreement
+    report.foreground_voxels = int(seg.mask.sum())
+    report.resampled = seg.resampled
+    report.intensity = seg.intensity
+    report.qc = seg.qc.to_dict() if seg.qc is not None else None
+    report.warnings = seg.warnings or None
+    report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
 
 
 def case_names(paths: list[Path]) -> list[str]:
@@ -214,6 +229,16 @@ class Segmenter:
         check_memory(need + act, name, f"the {'x'.join(map(str, work_shape))} volume with batches of {batch} "
                      f"window(s)", "lower --batch, or check the voxel size")
 
+    def read(self, path: Path) -> Volume:
+        """Read one input as `segment_file` does (the bundle's spacing for files without one, --spacing)."""
+        return read_volume(Path(path), default_spacing=self.bundle.model.spacing, spacing=self.options.spacing,
+                           max_voxels=self.options.limits.max_voxels)
+
+    def segment_volume(self, vol: Volume, progress: Any = None) -> Segmentation:
+        """`segment_array` on a read volume (its spacing, unless the file had none)."""
+        return self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing, str(vol.path),
+                                  progress)
+
     def segment_file(self, path: Path, out: Path, overwrite: bool = False,
                      progress: Any = None, protected: frozenset[str] = frozenset(),
                      name: str | None = None) -> CaseReport:
@@ -227,58 +252,46 @@ class Segmenter:
         report = CaseReport(input=str(path), status="failed")
         try:
             t = time.perf_counter()
-            vol = read_volume(path, default_spacing=self.bundle.model.spacing, spacing=self.options.spacing,
-                              max_voxels=self.options.limits.max_voxels)
+            vol = self.read(path)
             read_s = time.perf_counter() - t
             report.geometry_guessed = list(vol.guessed) or None
-            paths = self._output_paths(vol, Path(out), name or case_name(vol.path))
-            outputs = dict(paths)
-            if "dicom_seg" in paths:  # a series no SEG can reference fails before any work
-                from dtml_deploy.io.dicom_seg import check_seg_sources
-
-                check_seg_sources(vol)
-            if not overwrite:
-                check_free(paths, protected)
-            seg = self.segment_array(vol.array, None if "spacing" in vol.guessed else vol.spacing,
-                                     str(path), progress)
-            t = time.perf_counter()
-            maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
-                    "uncertainty": (seg.uncertainty, np.float32)}
-            # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
-            # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
-            # series or a failed drawing leaves no file behind.
-            prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
-                        for path, png in self._previews(vol, seg, report, outputs, name).items()]
-            outputs.pop("preview", None)
-            if "dicom_seg" in outputs:
-                from dtml_deploy.io.dicom_seg import build_seg, save_seg
-
-                ds = build_seg(vol, seg.mask, self.bundle.content_hash)
-                prepared.insert(0, (outputs.pop("dicom_seg"),
-                                    lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
-            leftovers = Leftovers(paths, protected)
-            write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared,
-                           exclusive=not overwrite, remove=leftovers if overwrite else ())
-            report.removed = [str(p) for p in leftovers.found] or None
+            paths = self.output_paths(vol, Path(out), overwrite, name, protected)
+            seg = self.segment_volume(vol, progress)
             seg.seconds["read"] = read_s
-            seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
-            report.status = "ok"
-            report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
-            report.preview = str(paths["preview"]) if "preview" in paths else None
-            report.shape = list(vol.shape)
-            report.spacing = [float(s) for s in vol.spacing]
-            report.windows = seg.windows
-            report.agreement = seg.agreement
-            report.foreground_voxels = int(seg.mask.sum())
-            report.resampled = seg.resampled
-            report.intensity = seg.intensity
-            report.qc = seg.qc.to_dict() if seg.qc is not None else None
-            report.warnings = seg.warnings or None
-            report.seconds = {k: round(v, 4) for k, v in seg.seconds.items()}
+            self.save(vol, seg, paths, report, name, overwrite, protected)
         except Exception as e:  # one case never stops the batch; the line names the error
             report.status = "failed"
             report.error = case_error(path, e)
         return report
+
+    def save(self, vol: Volume, seg: Segmentation, paths: dict[str, Path], report: CaseReport,
+             name: str | None = None, overwrite: bool = False, protected: frozenset[str] = frozenset()) -> None:
+        """Write a segmented case's outputs (`output_paths`) as one unit and fill its report; with `overwrite`
+        the case's whole earlier output set is replaced (io/atomic.py), `protected` files never removed."""
+        t = time.perf_counter()
+        outputs = dict(paths)
+        maps = {"mask": (seg.mask, np.uint8), "prob": (seg.prob, np.float32), "sdm": (seg.sdm, np.float32),
+                "uncertainty": (seg.uncertainty, np.float32)}
+        # One unit: a case's mask and maps all appear, or none does (a rerun finds nothing stale).
+        # Outputs built in memory first (a DICOM SEG, the preview PNG) join the same unit: a refused
+        # series or a failed drawing leaves no file behind.
+        prepared = [(path, lambda tmp, b=png: tmp.write_bytes(b))
+                    for path, png in self._previews(vol, seg, report, outputs, name).items()]
+        outputs.pop("preview", None)
+        if "dicom_seg" in outputs:
+            from dtml_deploy.io.dicom_seg import build_seg, save_seg
+
+            ds = build_seg(vol, seg.mask, self.bundle.content_hash)
+            prepared.insert(0, (outputs.pop("dicom_seg"), lambda tmp, d=ds: save_seg(d, tmp, vol, seg.mask)))
+        leftovers = Leftovers(paths, protected)
+        write_all_like(vol, [(p, *maps[k]) for k, p in outputs.items() if maps[k][0] is not None], prepared,
+                       exclusive=not overwrite, remove=leftovers if overwrite else ())
+        report.removed = [str(p) for p in leftovers.found] or None
+        seg.seconds["write"] = time.perf_counter() - t - seg.seconds.get("preview", 0.0)
+        report.status = "ok"
+        report.output = str(prepared[0][0] if prepared and "dicom_seg" in paths else outputs["mask"])
+        report.preview = str(paths["preview"]) if "preview" in paths else None
+        fill_report(report, vol, seg)
 
     def output_spec(self) -> OutputSpec:
         """What this segmenter writes per case (io/outputs.py plans a run's paths from it)."""
@@ -287,12 +300,22 @@ class Segmenter:
         return OutputSpec(maps=tuple(m for m in MAPS if kept[m]), preview=self.options.preview,
                           output_format=self.options.output_format)
 
-    def _output_paths(self, vol: Volume, out: Path, case: str) -> dict[str, Path]:
-        paths = case_outputs(vol.path, case, input_family(vol), out, self.output_spec())
+    def output_paths(self, vol: Volume, out: Path, overwrite: bool = False, name: str | None = None,
+                     protected: frozenset[str] = frozenset()) -> dict[str, Path]:
+        """Where a case's outputs go under `out` (a folder, or the mask's file name; `name` replaces
+        `case_name(vol.path)`); refused: an output that would replace the input, a DICOM series no SEG can
+        reference, and (unless `overwrite`) outputs already there that `protected` does not cover."""
+        paths = case_outputs(vol.path, name or case_name(vol.path), input_family(vol), out, self.output_spec())
         src = vol.path.resolve()
         for p in paths.values():
             if p.resolve() == src:
                 raise InputError(f"{p}: output would overwrite the input; choose another -o")
+        if "dicom_seg" in paths:  # a series no SEG can reference fails before any work
+            from dtml_deploy.io.dicom_seg import check_seg_sources
+
+            check_seg_sources(vol)
+        if not overwrite:
+            check_free(paths, protected)
         return paths
 
     def _previews(self, vol: Volume, seg: Segmentation, report: CaseReport,

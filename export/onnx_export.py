@@ -36,7 +36,7 @@ from dtml_deploy.artifacts import ONNX_INPUT, ONNX_OUTPUTS, PROB_COMBINATION, on
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.io.atomic import atomic_path
 from dtml_deploy.nets.fold import fold_batchnorm
-from export.formats import FORMATS, require_packages
+from dtml_export.formats import FORMATS, require_packages
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,8 @@ from dtml_deploy.intensity import prepare
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.metrics import agreement
 from dtml_deploy.resample import resize, spacing_differs, target_shape
-from dtml_deploy.runner import InferenceSettings, build_segmenter
 from dtml_deploy.segment import case_name
-from export.formats import FORMATS, require_packages
+from dtml_export.formats import FORMATS, require_packages
 
 
 class Int8Disagrees(DtmlError):
@@ -126,8 +125,9 @@ def check_int8(bundle_dir: Path, bundle: Bundle, fp32: Path, int8: Path, scans: 
                echo: Callable[[str], None] = print) -> list[CaseAgreement]:
     """Segment every scan with both IRs; raise `Int8Disagrees` naming the worst case below `min_agreement`."""
     def segmenter(xml: Path) -> Any:
-        return build_segmenter(InferenceSettings(model=bundle_dir, backend="openvino", artifact=xml, device="cpu",
-                                                 precision="fp32"), bundle)
+        from dtml_deploy.predictor import Predictor
+
+        return Predictor.load(bundle, backend="openvino", artifact=xml, device="cpu", precision="fp32").segmenter
 
     ref, q = segmenter(fp32), segmenter(int8)
     results = []

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dtml_deploy import __version__
 from dtml_deploy.artifacts import TrtProfile
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, DtmlError
@@ -27,10 +26,11 @@ from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
-from export.formats import FORMATS, artifact_path, require_packages
-from export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
-from export.trt_build import TrtBuildOptions  # importable without TensorRT
-from export.verify import render_report, verify_onnx
+from dtml_deploy.version import __version__
+from dtml_export.formats import FORMATS, artifact_path, require_packages
+from dtml_export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
+from dtml_export.trt_build import TrtBuildOptions  # importable without TensorRT
+from dtml_export.verify import render_report, verify_onnx
 
 
 class VerificationFailed(DtmlError):
@@ -180,7 +180,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[
     planned = [artifact_path(req.out_dir, "onnx", p) for p in FORMATS["onnx"].precisions]
     if req.trt:
         from dtml_deploy.artifacts import sidecar_path
-        from export.trt_build import onnx_precision_for
+        from dtml_export.trt_build import onnx_precision_for
 
         needed = onnx_precision_for(req.trt_fp16)
         if needed not in precisions:
@@ -210,7 +210,7 @@ def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real:
             echo(res.verification)
         results.append(res)
     if req.trt:
-        from export.trt_build import build_engine, onnx_precision_for
+        from dtml_export.trt_build import build_engine, onnx_precision_for
 
         src = onnx_paths[onnx_precision_for(req.trt_fp16)]
         engine = artifact_path(req.out_dir, "trt", "fp16" if req.trt_fp16 else "fp32")
@@ -229,7 +229,7 @@ def _export_openvino(req: ExportRequest, bundle: Bundle, onnx_fp32: Path,
     masks agree with fp32's on every calibration scan (export/openvino_export.py)."""
     import time
 
-    from export.openvino_export import bin_path, check_int8, convert_onnx, quantize_int8, save_ir, scan_windows
+    from dtml_export.openvino_export import bin_path, check_int8, convert_onnx, quantize_int8, save_ir, scan_windows
 
     def result(xml: Path, precision: str, seconds: float) -> ExportResult:
         size = xml.stat().st_size + bin_path(xml).stat().st_size
@@ -252,6 +252,14 @@ def _export_openvino(req: ExportRequest, bundle: Bundle, onnx_fp32: Path,
 
     xml = save_ir(quantised, bundle, artifact_path(req.out_dir, "openvino", "int8"), "int8", req.opset, check)
     return [*results, result(xml, "int8", time.perf_counter() - t)]
+
+
+def library_exporter(bundle: Bundle, bundle_dir: Path, precision: str) -> Path:
+    """`cached_onnx` for the Python API (`dtml_deploy.Predictor`): its notes go to the `dtml` logger,
+    not to the console."""
+    import logging
+
+    return cached_onnx(bundle, bundle_dir, precision, logging.getLogger("dtml").info)
 
 
 def cached_onnx(bundle: Bundle, bundle_dir: Path, precision: str, echo: Callable[[str], None] = print) -> Path:

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from dtml_deploy import __version__
 from dtml_deploy.artifacts import (
     EXPORT_ONNX,
     ONNX_INPUT,
@@ -40,6 +39,7 @@ from dtml_deploy.artifacts import (
 )
 from dtml_deploy.errors import BackendUnavailable, DtmlError
 from dtml_deploy.io.atomic import atomic_path, atomic_write_text
+from dtml_deploy.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.io.datasets import find_la2018
-from export.verify import random_bundle
+from tests.bundles import random_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "tests" / "data" / "la_sample"  # 3 real LA cases, cropped to 80x72x56, shipped in git
@@ -32,7 +32,7 @@ def la2018() -> Path:
 
 def make_bundle(n_filters: int = 4, patch: tuple[int, int, int] = (32, 32, 32), k: float = 1500.0,
                 seed: int = 0, centre_on: np.ndarray | None = None) -> Bundle:
-    """The project's random bundle (export.verify.random_bundle), its heads centred on `centre_on` when
+    """The project's random bundle (tests/bundles.py), its heads centred on `centre_on` when
     given (so that mask checks can fail) and left as initialised otherwise."""
     return random_bundle(n_filters, patch, seed=seed, k=k, centre_heads=centre_on is not None, centre_on=centre_on)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -76,8 +74,8 @@ def test_slabs_on_gpu_equal_full(case):
 def test_training_steps_on_gpu(sample_root, tmp_path, amp):
     from dtml_deploy.bundle import Bundle
     from dtml_deploy.io.datasets import make_split, open_source
-    from training.recipes import recipe
-    from training.trainer import Trainer
+    from dtml_training.recipes import recipe
+    from dtml_training.trainer import Trainer
 
     cfg = recipe("dtml", labeled=1, labeled_bs=1, iterations=4, n_filters=4, patch=(32, 32, 32), amp=amp,
                  workers=2, checkpoint_every=0, device="cuda")
@@ -92,18 +90,18 @@ def test_cuda_backend_keeps_a_deterministic_process_deterministic(case, monkeypa
     bundle, _ = case
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1), ("p_seg",))
+    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1, cuda_graphs=False), ("p_seg",))
     assert torch.backends.cudnn.benchmark is False
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1), ("p_seg",))
+    create_backend("torch", bundle, BackendOptions(device="cuda", batch=1, cuda_graphs=False), ("p_seg",))
     assert torch.backends.cudnn.benchmark is True
 
 
 def test_segment_defaults_on_cuda_are_the_measured_fastest(case):
     """fp16, batch 8, CUDA graphs and cuDNN conv+ReLU (benchmarks/results/segment_speed_h200.json)."""
-    from dtml_deploy.runner import InferenceSettings, build_segmenter
+    from dtml_deploy.predictor import Predictor
 
     bundle, _ = case
-    seg = build_segmenter(InferenceSettings(model=Path("."), device="cuda"), bundle)
+    seg = Predictor.load(bundle, device="cuda").segmenter
     opts = seg.backend.options
     assert (opts.precision, opts.batch, opts.cuda_graphs, opts.cudnn_fusion) == ("fp16", 8, True, True)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dtml_deploy.errors import DtmlError
+from dtml_deploy.errors import DtmlError, first_line
 from dtml_deploy.io.atomic import atomic_dir
 
 
@@ -68,7 +68,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
     try:
         tensors = load_file(str(tensor_file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise DtmlError(f"{tensor_file}: unreadable checkpoint ({_first_line(e)})") from None
+        raise DtmlError(f"{tensor_file}: unreadable checkpoint ({first_line(e)})") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     # torch forgives a missing BatchNorm counter; a checkpoint must hold everything it saved
     expected = set(model.state_dict())
@@ -81,7 +81,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
         model.load_state_dict(model_state)
     except RuntimeError as e:
         raise DtmlError(f"{tensor_file}: the checkpoint's weights do not fit this network "
-                        f"({_first_line(e)})") from None
+                        f"({first_line(e)})") from None
     bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise DtmlError(f"{tensor_file}: the checkpoint holds non-finite weights ({bad[0]})")
@@ -101,6 +101,3 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
     return meta
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:2])[:240] if lines else type(e).__name__

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 from dtml_deploy.checks import finite_in, int_at_least, is_int, require
 from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.intensity import POLICIES
-from training.losses import SUPERVISIONS, ConsistencyConfig, Supervision
+from dtml_training.losses import SUPERVISIONS, ConsistencyConfig, Supervision
 
 Amp = Literal["auto", "bf16", "fp16", "none"]
 AMPS: tuple[str, ...] = get_args(Amp)

@@ -21,7 +21,7 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from dtml_deploy.ranks import Ranks
-from training.data.sampler import rank_rows
+from dtml_training.data.sampler import rank_rows
 
 
 def init_distributed(device_type: str) -> Ranks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from training.config import TrainConfig
+from dtml_training.config import TrainConfig
 
 # Labeled-only rows train on batches of 4 labeled patches (UA-MT's supervised baseline batch size).
 RECIPES: dict[str, dict[str, Any]] = {

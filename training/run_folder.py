@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dtml_deploy.errors import DtmlError
-from training.config import RunPaths, TrainConfig
+from dtml_training.config import RunPaths, TrainConfig
 
 
 def existing_outputs(paths: RunPaths) -> list[str]:

@@ -8,9 +8,9 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from training.config import RunPaths
-from training.log_reader import read_log
-from training.tensorboard_sink import TensorBoardTail
+from dtml_training.config import RunPaths
+from dtml_training.log_reader import read_log
+from dtml_training.tensorboard_sink import TensorBoardTail
 
 TENSORBOARD_DIR = "tensorboard"
 

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from training.log_reader import LogTail
+from dtml_training.log_reader import LogTail
 
 SKIP = {"iteration", "event"}
 

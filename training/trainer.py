@@ -31,17 +31,17 @@ from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.datasets import Split
 from dtml_deploy.nets.dual import DualTaskNet, sdm_to_mask
 from dtml_deploy.ranks import Ranks
-from training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from training.config import RunPaths, TrainConfig
-from training.data.cache import VolumeCache, fingerprint, load_training_volumes
-from training.data.dataset import Batch, PatchDataset, collate
-from training.data.sampler import TwoStreamSampler, check_batch_composition
-from training.distributed import init_distributed, rank_sum_fn, shutdown_distributed, use_global_batch_layers
-from training.divergence import TrainingDiverged, nonfinite_tensors, on_any_rank
-from training.logs import TrainLogger
-from training.losses import RankSum, consistency_loss, dis_loss, seg_loss
-from training.run_folder import check_run_folder, clear_run, resume_start
-from training.validate import validate
+from dtml_training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from dtml_training.config import RunPaths, TrainConfig
+from dtml_training.data.cache import VolumeCache, fingerprint, load_training_volumes
+from dtml_training.data.dataset import Batch, PatchDataset, collate
+from dtml_training.data.sampler import TwoStreamSampler, check_batch_composition
+from dtml_training.distributed import init_distributed, rank_sum_fn, shutdown_distributed, use_global_batch_layers
+from dtml_training.divergence import TrainingDiverged, nonfinite_tensors, on_any_rank
+from dtml_training.logs import TrainLogger
+from dtml_training.losses import RankSum, consistency_loss, dis_loss, seg_loss
+from dtml_training.run_folder import check_run_folder, clear_run, resume_start
+from dtml_training.validate import validate
 
 
 class TrainingPair(nn.Module):

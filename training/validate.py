@@ -10,8 +10,8 @@ from dtml_deploy.config import ModelConfig
 from dtml_deploy.io.datasets import LabeledCase
 from dtml_deploy.metrics import dice
 from dtml_deploy.nets.dual import DualTaskNet
-from dtml_deploy.runner import InferenceSettings, build_segmenter
-from training.data.cache import load_image, load_label
+from dtml_deploy.predictor import Predictor
+from dtml_training.data.cache import load_image, load_label
 
 
 def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase, ...],
@@ -20,9 +20,8 @@ def validate(net: DualTaskNet, model_cfg: ModelConfig, cases: tuple[LabeledCase,
     bundle = Bundle.from_net(net, model_cfg)
     # One segmenter per head, each running only its own network (no QC): every network runs once per case,
     # in fp32, without the CUDA inference extras (graph capture in the middle of training buys nothing).
-    segmenters = {head: build_segmenter(InferenceSettings(backend="torch", device=str(device), precision="fp32",
-                                                          batch=2, head=head, qc=False, cuda_graphs=False,
-                                                          cudnn_fusion=False), bundle)
+    segmenters = {head: Predictor.load(bundle, backend="torch", device=str(device), precision="fp32", batch=2,
+                                       head=head, qc=False, cuda_graphs=False, cudnn_fusion=False).segmenter
                   for head in ("seg", "sdm")}
     scores: dict[str, list[float]] = {head: [] for head in segmenters}
     for case in cases:

@@ -3,14 +3,14 @@
 Channel names a backend can produce (always fp32):
   `p_seg` sigmoid of M_s's logits; `sdm` tanh output of M_d; `p_dis` sigmoid(-k * sdm).
 Backends are registered by name (`torch`, `onnx`, `trt`, `openvino`); `auto` picks one for the device and the
-artifact given (`_auto_choice` states the rule and the measurement behind it).
+artifact given (`auto_backend` states the rule and the measurement behind it).
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
 
@@ -29,21 +29,39 @@ class BackendOptions:
     """How a backend runs the networks."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = "fp32"
-    batch: int = 4  # windows per forward; the last batch is padded to this size
+    precision: Precision | None = None  # None: fp16 on CUDA, fp32 on the CPU
+    batch: int | None = None  # windows per forward (None: `default_batch`); the last batch is padded to it
     channels_last: bool = True  # torch: channels_last_3d memory format
     fold_bn: bool = True  # torch: BatchNorm folded into the convolutions
     compile: bool = False  # torch: torch.compile the pair
-    cuda_graphs: bool = False  # torch: replay a captured CUDA graph per batch
-    cudnn_fusion: bool = False  # torch, CUDA: conv + ReLU as one cuDNN call
+    # None: on for the torch backend on CUDA (the fastest measured: benchmarks/results/segment_speed_h200.md)
+    cuda_graphs: bool | None = None  # torch: replay a captured CUDA graph per batch
+    cudnn_fusion: bool | None = None  # torch, CUDA: conv + ReLU as one cuDNN call
     keep_host_memory: bool = True  # torch, CPU: glibc keeps freed blocks for reuse (backends/host_memory.py)
     artifact: Path | None = None  # onnx/trt: a prebuilt .onnx / .engine (else looked up or exported)
 
     def __post_init__(self) -> None:
-        if self.batch < 1:
+        if self.batch is not None and self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if self.precision not in PRECISIONS:
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+
+    def resolved(self, backend: str = "torch") -> BackendOptions:
+        """These options with every device-dependent default made concrete for `backend` (idempotent):
+        the one place the device, precision, batch and CUDA extras are decided."""
+        dev = resolve_device(self.device)
+        cuda = dev.type == "cuda"
+        torch_cuda = cuda and backend == "torch"
+        return replace(self, device=str(dev), precision=self.precision or ("fp16" if cuda else "fp32"),
+                       batch=default_batch(dev) if self.batch is None else self.batch,
+                       cuda_graphs=torch_cuda if self.cuda_graphs is None else self.cuda_graphs,
+                       cudnn_fusion=torch_cuda if self.cudnn_fusion is None else self.cudnn_fusion)
+
+
+def default_batch(device: torch.device) -> int:
+    """8 on CUDA (fastest on an H200: benchmarks/results/segment_speed_h200.json, batch 16 was slower);
+    4 on the CPU (batch 2 and 4 run level there, 0.76 s per window pair)."""
+    return 8 if device.type == "cuda" else 4
 
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
@@ -81,9 +99,9 @@ class Backend(ABC):
         if bad or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of {CHANNELS}, got {outputs}")
         self.bundle = bundle
-        self.options = options
+        self.options = options.resolved(self.name)
         self.outputs = tuple(outputs)
-        self.device = resolve_device(options.device)
+        self.device = torch.device(self.options.device)
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -117,7 +135,7 @@ def _backend_class(name: str) -> type[Backend]:
 
 def available_backends() -> list[str]:
     """Backends whose runtime imports here, in the order TensorRT, onnxruntime, torch (the order of their
-    measured GPU speed; `auto` does not follow it, see `_auto_choice`)."""
+    measured GPU speed; `auto` does not follow it, see `auto_backend`)."""
     found = []
     for name in ("trt", "onnx", "torch"):
         if _backend_class(name).is_available():  # type: ignore[attr-defined]
@@ -127,13 +145,13 @@ def available_backends() -> list[str]:
 
 def create_backend(name: str, bundle: Bundle, options: BackendOptions,
                    outputs: tuple[str, ...] = ("p_seg", "p_dis")) -> Backend:
-    """Instantiate a backend by name; `auto` resolves through `_auto_choice`."""
+    """Instantiate a backend by name; `auto` resolves through `auto_backend`."""
     if name == "auto":
-        name = _auto_choice(options)
+        name = auto_backend(options)
     return _backend_class(name)(bundle, options, outputs)
 
 
-def _auto_choice(options: BackendOptions) -> str:
+def auto_backend(options: BackendOptions) -> str:
     """TensorRT on a GPU when it imports, else torch. On the CPU torch with channels_last_3d runs
     level with onnxruntime's CPU provider (benchmarks/backend_speed.py), so torch needs no export."""
     dev = resolve_device(options.device)

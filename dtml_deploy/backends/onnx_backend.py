@@ -28,14 +28,9 @@ from dtml_deploy.artifacts import (
 )
 from dtml_deploy.backends.base import Backend, BackendOptions
 from dtml_deploy.bundle import Bundle
-from dtml_deploy.errors import BackendUnavailable, BundleError
+from dtml_deploy.errors import BackendUnavailable, BundleError, first_line
 
 _CUDA_EPS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _graph_for(artifact: Path, outputs: tuple[str, ...]) -> str | bytes:
@@ -68,6 +63,7 @@ class OnnxBackend(Backend):
 
     def __init__(self, bundle: Bundle, options: BackendOptions, outputs: tuple[str, ...]) -> None:
         super().__init__(bundle, options, outputs)
+        options = self.options  # resolved (device-dependent defaults made concrete)
         try:
             import onnxruntime as ort
         except ImportError:
@@ -82,7 +78,7 @@ class OnnxBackend(Backend):
             self._session = ort.InferenceSession(_graph_for(artifact, self.outputs), opts,
                                                  providers=self.providers)
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise BundleError(f"{artifact}: onnxruntime cannot load it ({_first_line(e)}); "
+            raise BundleError(f"{artifact}: onnxruntime cannot load it ({first_line(e)}); "
                               f"re-export with `{EXPORT_ONNX}`") from None
         self.artifact = artifact
         self.info: ArtifactInfo = parse_onnx_metadata(self._session.get_modelmeta().custom_metadata_map,

@@ -73,6 +73,7 @@ class TorchBackend(Backend):
 
     def __init__(self, bundle: Bundle, options: BackendOptions, outputs: tuple[str, ...]) -> None:
         super().__init__(bundle, options, outputs)
+        options = self.options  # resolved (device-dependent defaults made concrete)
         if self.device.type == "cpu" and options.precision == "fp16":
             raise BackendUnavailable("fp16 is not supported on the CPU; use --precision fp32 or bf16")
         if options.cuda_graphs and self.device.type != "cuda":

@@ -71,6 +71,7 @@ class TrtBackend(Backend):
         if reason is not None:
             raise BackendUnavailable(reason)
         super().__init__(bundle, options, outputs)
+        options = self.options  # resolved (device-dependent defaults made concrete)
         if self.device.type != "cuda":
             raise BackendUnavailable(f"the trt backend runs on CUDA only, not on {self.device}; "
                                      f"use --device cuda or --backend onnx")

@@ -18,7 +18,7 @@ from dtml_deploy.cli.common import (
     require_viz,
     user_errors,
 )
-from export.benchmark import BenchmarkRequest
+from dtml_export.benchmark import BenchmarkRequest
 
 
 def _default(name: str) -> Any:
@@ -68,7 +68,7 @@ def benchmark(
     """Time every backend and precision side by side, with each one's agreement with torch fp32."""
     with user_errors():
         from dtml_deploy.io.reports import BENCHMARK_JSON, PICTURE, check_distinct, check_report_target, picture_target
-        from export import benchmark as bench
+        from dtml_export import benchmark as bench
 
         chart = None if plot is None else picture_target(plot, "benchmark.png")
         check_distinct([(json_out, "--json"), (chart, "--plot")])

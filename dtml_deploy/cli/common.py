@@ -21,13 +21,16 @@ from dtml_deploy.engine.blending import BLENDS
 from dtml_deploy.engine.sliding import HEADS
 from dtml_deploy.intensity import POLICIES
 from dtml_deploy.io.formats import OUTPUT_FORMATS
-from dtml_deploy.protocol import DTML, PROTOCOLS, Protocol
-from dtml_deploy.runner import InferenceSettings
+from dtml_deploy.predictor import DEFAULT_MODEL
+from dtml_deploy.protocol import DTML, PROTOCOLS
+from dtml_deploy.settings import ROUTES, PredictorSettings
 
 if TYPE_CHECKING:
-    from dtml_deploy.bundle import Bundle
+    from dtml_deploy.predictor import Predictor
+    from dtml_deploy.ranks import Ranks
 
-DEFAULT_MODEL = Path(__file__).parent.parent / "default_model"
+# The CLI's names for settings whose flag reads better than the field (`--save-prob` keeps the prob map).
+FLAG_NAMES = {"save_prob": "keep_prob", "save_sdm": "keep_sdm", "save_uncertainty": "keep_uncertainty"}
 
 
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -97,6 +100,17 @@ MaxWindowsOpt = Annotated[int | None, typer.Option(
     help="Allow more sliding windows per case than the default bound (dtml_deploy/limits.py: WorkLimits)")]
 
 
+def setting(name: str) -> Any:
+    """The core default of an inference option: the field of that name in the settings tree's part that owns it."""
+    name = FLAG_NAMES.get(name, name)
+    if name not in ROUTES:
+        return default_of(PredictorSettings, name)
+    node: Any = PredictorSettings()
+    for part in ROUTES[name]:
+        node = getattr(node, part)
+    return getattr(node, name)
+
+
 def _shared(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -104,22 +118,22 @@ def _shared(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 # The inference options `segment` and `evaluate` share, each defined once with its core default. The
 # settings a protocol fixes (dtml_deploy/protocol.py) default to None: "the protocol's value".
 SHARED_OPTIONS: dict[str, inspect.Parameter] = {p.name: p for p in (
-    _shared("backend", BackendOpt, BackendName(InferenceSettings.backend)),
-    _shared("artifact", ArtifactOpt, InferenceSettings.artifact),
-    _shared("device", DeviceOpt, InferenceSettings.device),
+    _shared("backend", BackendOpt, BackendName(PredictorSettings.backend)),
+    _shared("artifact", ArtifactOpt, setting("artifact")),
+    _shared("device", DeviceOpt, setting("device")),
     _shared("precision", PrecisionOpt, None),
     _shared("protocol", ProtocolOpt, ProtocolName(DTML.name)),
     _shared("overlap", OverlapOpt, None),
     _shared("stride", StrideOpt, None),
-    _shared("batch", BatchOpt, InferenceSettings.batch),
+    _shared("batch", BatchOpt, setting("batch")),
     _shared("blend", BlendOpt, None),
     _shared("head", HeadOpt, None),
     _shared("tta", TtaOpt, None),
     _shared("lcc", LccOpt, None),
-    _shared("resample", ResampleOpt, InferenceSettings.resample),
-    _shared("intensity", IntensityOpt, IntensityName(InferenceSettings.intensity)),
-    _shared("spacing", SpacingOpt, InferenceSettings.spacing),
-    _shared("max_windows", MaxWindowsOpt, InferenceSettings.max_windows),
+    _shared("resample", ResampleOpt, setting("resample")),
+    _shared("intensity", IntensityOpt, IntensityName(setting("intensity"))),
+    _shared("spacing", SpacingOpt, setting("spacing")),
+    _shared("max_windows", MaxWindowsOpt, setting("max_windows")),
 )}
 
 
@@ -158,13 +172,13 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn the toolkit's errors (and bad option values) into one line and exit code 2."""
-    from dtml_deploy.errors import DtmlError
+    from dtml_deploy.errors import DtmlError, first_line
     from dtml_deploy.ranks import JobStopped
 
     try:
         yield
     except (DtmlError, ValueError, FileExistsError) as e:
-        raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise fail(first_line(e, limit=10_000)) from None
     except JobStopped as e:  # a rank of a torchrun launch (or a plain run) told to stop: finished cases are written
         from dtml_deploy.ranks import Ranks
 
@@ -183,31 +197,6 @@ def bundle_path(model: Path | None) -> Path:
 
 def echo_err(message: str) -> None:
     typer.echo(message, err=True)
-
-
-def load_for_backend(settings: InferenceSettings) -> tuple[Bundle, InferenceSettings]:
-    """Load the bundle once; an --artifact folder becomes the fastest measured artifact in it (said on stderr);
-    for onnx without --artifact also find (or make) its cached, verified export in the precision the run
-    will use (lazy import of export/) and name it as the artifact."""
-    from dataclasses import replace
-
-    from dtml_deploy.bundle import Bundle
-    from dtml_deploy.runner import default_precision
-
-    bundle = Bundle.load(settings.model)
-    if settings.artifact is not None and Path(settings.artifact).is_dir():  # an export folder: say what runs
-        from dtml_deploy.backend_choice import pick_from_folder
-        from dtml_deploy.backends.base import resolve_device
-
-        choice = pick_from_folder(settings.artifact, settings.backend, resolve_device(settings.device).type)
-        echo_err(f"--backend {settings.backend}: running {choice.reason}")
-        return bundle, replace(settings, backend=choice.backend, artifact=choice.artifact)
-    if settings.backend != "onnx" or settings.artifact is not None:
-        return bundle, settings
-    from export.pipeline import cached_onnx
-
-    precision = settings.precision or default_precision(settings.device)
-    return bundle, replace(settings, artifact=cached_onnx(bundle, settings.model, precision, echo_err))
 
 
 def checked_spacing(spacing: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
@@ -231,21 +220,24 @@ def progress_echo(progress: bool) -> Callable[[str], None]:
     return echo_err if progress else (lambda _: None)
 
 
-def setting(name: str) -> Any:
-    """The core default of an inference option (an InferenceSettings field)."""
-    return default_of(InferenceSettings, name)
-
-
-def inference_settings(model: Path, **options: Any) -> tuple[InferenceSettings, Protocol]:
-    """InferenceSettings from command options: enum choices become their values, the protocol's settings
-    are resolved with the flags given (dtml_deploy/protocol.py has the rule), --spacing is checked."""
-    from dtml_deploy.protocol import request_fields, resolve_protocol
-
-    given = {k: value(v) if isinstance(v, Enum) else v for k, v in options.items()}
-    explicit = {k: given.pop(k) for k in ("overlap", "stride", "blend", "precision", "head", "lcc", "tta")}
-    protocol = resolve_protocol(given.pop("protocol", DTML.name), **explicit)
+def predictor_settings(**options: Any) -> PredictorSettings:
+    """The settings tree from command options: enum choices become their values, flag names their fields,
+    the protocol is resolved with the flags given (dtml_deploy/protocol.py), --spacing is checked."""
+    given = {FLAG_NAMES.get(k, k): value(v) if isinstance(v, Enum) else v for k, v in options.items()}
     given["spacing"] = checked_spacing(given.get("spacing"))
-    return InferenceSettings(model=model, **request_fields(protocol), **given), protocol
+    return PredictorSettings.build(**given)
+
+
+def load_predictor(model: Path | None, settings: PredictorSettings, ranks: Ranks) -> Predictor:
+    """The Predictor of a command: --model (or the shipped model), settings resolved once; an ONNX run
+    without --artifact finds (or makes, once) its cached, verified graph (export/, which the CLI may import)."""
+    from dtml_deploy.predictor import Predictor
+    from dtml_export.pipeline import cached_onnx
+
+    def exporter(bundle: Any, folder: Path, precision: str) -> Path:
+        return cached_onnx(bundle, folder, precision, echo_err if ranks.is_main else (lambda _: None))
+
+    return Predictor.load(bundle_path(model), settings, ranks=ranks, exporter=exporter)
 
 
 def exit_for_failures(n_failed: int, n_total: int) -> None:

@@ -14,13 +14,12 @@ from dtml_deploy.cli.common import (
     POST_OPTIONS,
     ProgressOpt,
     RankTimeoutOpt,
-    bundle_path,
     checked_spacing,
     default_of,
     echo_err,
     exit_for_failures,
-    inference_settings,
-    load_for_backend,
+    load_predictor,
+    predictor_settings,
     require_viz,
     user_errors,
     with_shared,
@@ -58,46 +57,33 @@ def _score_with_model(data: Path, labels: Path | None, cases: str | None, model:
                       shard: ShardSettings) -> tuple[list[dict], dict[str, object]] | None:
     """Segment the listed cases of a data root with a bundle and score them; rows and the run's record.
     Under torchrun the cases are shared among the ranks; rank 0 gets every row, the others None."""
-    from dtml_deploy.backends.torch_backend import cpu_precision_note
+    from dtml_deploy.cli.console import opening_lines
     from dtml_deploy.evaluate import score_model
     from dtml_deploy.io.datasets import open_source
-    from dtml_deploy.qc_reference import no_qc_note
     from dtml_deploy.ranks import Ranks
-    from dtml_deploy.runner import build_segmenter
 
     source = open_source(data, labels_dir=labels)
     ids = case_list(source, cases) if cases else list(source.case_ids)
-    model_path = bundle_path(model)
-    settings, proto = inference_settings(model_path, qc=True, **options)
-    bundle, settings = load_for_backend(settings)
     ranks = Ranks.from_env()
-    segmenter = build_segmenter(settings, bundle, ranks)
+    predictor = load_predictor(model, predictor_settings(qc=True, **options), ranks)
     if ranks.is_main:
         for note in source.notes:
             typer.echo(note, err=True)
-        typer.echo(f"segmenting {len(ids)} cases{ranks.running(segmenter.backend.describe())}", err=True)
-        backend = segmenter.backend
-        for note in (cpu_precision_note(backend.name, backend.device, backend.options.precision, True),
-                     no_qc_note(bundle.meta)):
-            if note:
-                typer.echo(note, err=True)
+        for line in opening_lines(predictor, f"segmenting {len(ids)} cases", precision_chosen=True, qc=True):
+            typer.echo(line, err=True)
     done: list[str] = []
-    rows = score_model(segmenter, [source.labeled(i) for i in ids],
+    rows = score_model(predictor, [source.labeled(i) for i in ids],
                        (lambda c: done.append(c) or echo_err(f"  {len(done)}/{len(ids)} {c}"))
-                       if progress else None, ignore_geometry=ignore_geometry, visit=visit, ranks=ranks,
-                       shard=shard)
+                       if progress else None, ignore_geometry=ignore_geometry, visit=visit, shard=shard)
     if rows is None:
         return None
-    _warn_guessed(rows, segmenter.bundle.model.spacing)
+    _warn_guessed(rows, predictor.bundle.model.spacing)
     for r in rows:
         if r.get("warnings"):
             typer.echo(f"warning: {r['case']}: {r['warnings']}", err=True)
-    extra = {"model": str(settings.model), "bundle_hash": segmenter.bundle.content_hash,
-             "backend": segmenter.backend.describe(), "cases_from": cases,
-             "engine": {"protocol": proto.name, "overlap": proto.overlap, "stride": proto.stride,
-                        "blend": proto.blend, "head": proto.head, "tta": proto.tta, "lcc": proto.lcc,
-                        "precision": segmenter.backend.options.precision}}
-    return rows, extra
+    record = predictor.record()
+    record["engine"].pop("batch")
+    return rows, {**record, "cases_from": cases}
 
 
 def _score_folder_pair(pred_dir: Path, gt_dir: Path, ignore_geometry: bool, spacing: tuple[float, float, float] | None,

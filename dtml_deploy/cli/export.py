@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from dtml_deploy.cli.common import ModelOpt, PrecisionName, bundle_path, default_of, user_errors
-from export.pipeline import ExportRequest
+from dtml_export.pipeline import ExportRequest
 
 ONNX_PRECISIONS = ("fp32", "fp16")
 
@@ -72,7 +72,7 @@ def export_cmd(
     OpenVINO IR, --int8 an int8 IR quantised on real scans and checked against fp32."""
     with user_errors():
         from dtml_deploy.cli.segment import expand_inputs
-        from export.pipeline import run_export
+        from dtml_export.pipeline import run_export
 
         if trt_precision.value not in ONNX_PRECISIONS:
             raise ValueError("--trt-precision must be fp16 or fp32")

@@ -19,7 +19,7 @@ def plot(
     with user_errors():
         from dtml_deploy.io.reports import picture_target
         from dtml_deploy.viz.curves import CURVES_PNG
-        from training.run_visuals import draw_curves
+        from dtml_training.run_visuals import draw_curves
 
         require_viz("dtml plot")
         typer.echo(str(draw_curves(run_dir, None if output is None else picture_target(output, CURVES_PNG))))

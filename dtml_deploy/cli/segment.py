@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,13 +18,12 @@ from dtml_deploy.cli.common import (
     ModelOpt,
     ProgressOpt,
     RankTimeoutOpt,
-    bundle_path,
     default_of,
     echo_err,
     exit_for_failures,
     fail,
-    inference_settings,
-    load_for_backend,
+    load_predictor,
+    predictor_settings,
     require_viz,
     setting,
     user_errors,
@@ -38,7 +39,22 @@ from dtml_deploy.cli.dicomweb_inputs import (
     stored,
 )
 from dtml_deploy.ranks import ShardSettings
-from dtml_deploy.runner import SegmentJob
+
+if TYPE_CHECKING:
+    from dtml_deploy.predictor import Predictor
+    from dtml_deploy.ranks import Ranks
+    from dtml_deploy.segment import CaseReport
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Which files `dtml segment` reads and where its results go."""
+
+    inputs: list[Path]
+    output: Path
+    overwrite: bool = False
+    json_report: Path | None = None
+    progress: bool = True
 
 
 def expand_inputs(inputs: list[str], note: Callable[[str], None] = echo_err) -> list[Path]:
@@ -109,25 +125,66 @@ def segment(
     """Segment scans with a bundle (fused sliding-window inference over both networks). Under torchrun the
     scans are shared among the ranks (one per GPU, or CPU processes); rank 0 writes the report."""
     from dtml_deploy.ranks import Ranks
-    from dtml_deploy.runner import run_segment
 
     with user_errors():
         ranks, shard = Ranks.from_env(), ShardSettings(stall_timeout_s=rank_timeout)
-        if preview:
-            require_viz("--preview")
-        model_path = bundle_path(model)
-        settings, _ = inference_settings(
-            model_path, qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
+        require_viz("--preview") if preview else None
+        settings = predictor_settings(
+            qc=qc, save_prob=save_prob, save_sdm=save_sdm, save_uncertainty=save_uncertainty,
             output_format=output_format, preview=preview, compile=compile, cuda_graphs=cuda_graphs,
             cudnn_fusion=cudnn_fusion, **options)
-        check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.output_format)
-        bundle, settings = load_for_backend(settings)
+        check_dicomweb_options(dicomweb, inputs or [], study, series, store, settings.segment.output_format)
+        job = SegmentJob(inputs=[], output=output, overwrite=overwrite, json_report=json_report, progress=progress)
+        check_job(job)
+        predictor = load_predictor(model, settings, ranks)
         with scans_from(inputs or [], expand_inputs, ranks.is_main, dicomweb, study, series) as scans:
-            job = SegmentJob(inputs=scans, output=output, overwrite=overwrite, json_report=json_report,
-                             progress=progress)
-            reports = stored(run_segment(job, settings, bundle, ranks, shard), dicomweb if store else None, echo_err)
+            job = replace(job, inputs=scans)
+            check_job(job, predictor)
+            reports = stored(run_job(predictor, job, ranks, shard, options.get("precision") is not None, qc),
+                             dicomweb if store else None, echo_err)
     if reports is None:  # another rank of a torchrun launch: rank 0 reports every case
         return
     if not reports:
         raise fail("no input scans found")
     exit_for_failures(sum(r.status != "ok" for r in reports), len(reports))
+
+
+def check_job(job: SegmentJob, predictor: Predictor | None = None) -> None:
+    """Refuse an unusable report path before the model loads; once it has (`predictor`), outputs that would
+    collide (io/outputs.py) and a report path that is an input, a planned output or a file other than an
+    earlier segment report (io/reports.py)."""
+    from dtml_deploy.io.reports import SEGMENT_JSON, check_report_path, check_report_target
+
+    if predictor is None:
+        if job.json_report is not None:
+            check_report_path(job.json_report, "the JSON report")
+        return
+    plan = predictor.plan(job.inputs, job.output)
+    if job.json_report is not None:
+        check_report_target(job.json_report, SEGMENT_JSON, plan.taken, job.overwrite)
+
+
+def run_job(predictor: Predictor, job: SegmentJob, ranks: Ranks, shard: ShardSettings,
+            precision_chosen: bool, qc: bool) -> list[CaseReport] | None:
+    """Segment the job's inputs with the console's events; rank 0 prints the summary lines and writes the
+    JSON report, and returns the reports (the other ranks None)."""
+    from dtml_deploy.cli.console import ConsoleEvents, opening_lines
+    from dtml_deploy.io.reports import write_report_text
+
+    with ConsoleEvents(predictor, job.progress) as events:
+        for line in opening_lines(predictor, f"dtml: {len(job.inputs)} scan(s)", precision_chosen, qc):
+            events.say(line)
+        reports = predictor.segment_files(job.inputs, job.output, job.overwrite, events, shard)
+    if reports is None:
+        return None
+    if events.stopped:
+        events.say(f"error: {events.stopped}; {events.unfinished} case(s) not segmented (finished cases are written)")
+    if ranks.distributed:
+        ok, n = sum(r.status == "ok" for r in reports), len(reports)
+        events.say(f"dtml: {ok} of {n} scan(s) segmented on {ranks.world_size} ranks in {events.seconds:.1f} s "
+                   f"({n / max(events.seconds, 1e-9):.3f} scans/s)")
+    if job.json_report is not None:
+        report = {**predictor.record(), "ranks": events.ranks, "total_seconds": round(events.seconds, 3),
+                  "cases": [r.to_dict() for r in reports]}
+        write_report_text(job.json_report, json.dumps(report, indent=2) + "\n", "the JSON report")
+    return reports

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from dtml_deploy.cli import segment as segment_cmd
-from dtml_deploy.cli.common import bundle_path, echo_err, inference_settings, load_for_backend, require_viz, user_errors
+from dtml_deploy.cli.common import echo_err, load_predictor, predictor_settings, require_viz, user_errors
 from dtml_deploy.serve.settings import SERVE_EXTRA, ServeError, ServeSettings
 
 # The settings options of `segment`, taken from its signature so that each is defined once.
@@ -76,10 +76,10 @@ def serve(
         check_bind(settings)
         if options.get("preview"):
             require_viz("--preview")
-        model_path = bundle_path(options.pop("model"))
-        inference, _ = inference_settings(model_path, **options)
-        bundle, inference = load_for_backend(inference)
+        from dtml_deploy.ranks import Ranks
         from dtml_deploy.serve.inference import Model
         from dtml_deploy.serve.server import run_server
 
-        run_server(Model(inference, bundle), settings, echo_err)
+        model = options.pop("model")
+        predictor = load_predictor(model, predictor_settings(**options), Ranks())
+        run_server(Model(predictor), settings, echo_err)

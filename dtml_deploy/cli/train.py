@@ -14,10 +14,10 @@ import typer
 
 from dtml_deploy.cli.common import choices, echo_err, fail, user_errors
 from dtml_deploy.config import NORMS
-from training.config import OPTION_HELP, TrainConfig
-from training.losses import ConsistencyConfig
-from training.recipes import RECIPES
-from training.recipes import recipe as make_recipe
+from dtml_training.config import OPTION_HELP, TrainConfig
+from dtml_training.losses import ConsistencyConfig
+from dtml_training.recipes import RECIPES
+from dtml_training.recipes import recipe as make_recipe
 
 RecipeName = choices("RecipeName", tuple(RECIPES))
 _CHOICES = {"norm": NORMS}  # str fields whose values are a tuple of the core rather than a Literal
@@ -115,9 +115,9 @@ def train(**options: Any) -> None:
                                          "progress", "tensorboard")}
     with user_errors():
         from dtml_deploy.io.datasets import make_split, open_source
-        from training.divergence import TrainingDiverged
-        from training.run_visuals import is_main_process, run_visuals
-        from training.trainer import Trainer
+        from dtml_training.divergence import TrainingDiverged
+        from dtml_training.run_visuals import is_main_process, run_visuals
+        from dtml_training.trainer import Trainer
 
         cfg = make_config(run["recipe"].value, options)
         source = open_source(run["data"], labels_dir=run["labels"], list_file=run["case_list"])

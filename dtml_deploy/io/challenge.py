@@ -29,9 +29,10 @@ import numpy as np
 from dtml_deploy.config import IntensityConfig
 from dtml_deploy.errors import DataError, DtmlError
 from dtml_deploy.intensity import normalise
-from dtml_deploy.io.datasets import ArrayRef, read_case_list
+from dtml_deploy.io.cases import ArrayRef, read_case_list
 from dtml_deploy.io.geometry import GridTolerance
-from dtml_deploy.io.headers import ImageHeader, read_header
+from dtml_deploy.io.header_reader import read_header
+from dtml_deploy.io.headers import ImageHeader
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume, read_volume
 

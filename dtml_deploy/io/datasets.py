@@ -20,31 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtml_deploy.errors import DataError
-from dtml_deploy.io.volume import NIFTI_SUFFIXES
+from dtml_deploy.io.cases import ArrayRef, LabeledCase, UnlabeledCase, read_case_list
+from dtml_deploy.io.scan import NIFTI_SUFFIXES
 
-
-@dataclass(frozen=True)
-class ArrayRef:
-    """One array on disk: a NIfTI file, or one dataset of an h5 file."""
-
-    path: Path
-    dataset: str | None = None  # h5 dataset name (for the challenge layout: image | label); None for NIfTI
-    preprocess: str | None = None  # "la2018-challenge": z-score / binarise, then crop (io/refs.py reads it)
-    crop: tuple[int, int, int, int] | None = None  # x0, x1, y0, y1 of that crop
-    problem: str | None = None  # why the crop cannot be made (its case's label is unusable): raised on read
-
-
-@dataclass(frozen=True)
-class LabeledCase:
-    case_id: str
-    image: ArrayRef
-    label: ArrayRef
-
-
-@dataclass(frozen=True)
-class UnlabeledCase:
-    case_id: str
-    image: ArrayRef
+__all__ = ["ArrayRef", "DataSource", "LabeledCase", "Split", "UnlabeledCase", "find_la2018", "make_split",
+           "open_source", "read_case_list"]
 
 
 @dataclass(frozen=True)
@@ -87,13 +67,6 @@ class DataSource:
 
     def unlabeled(self, case_id: str) -> UnlabeledCase:
         return UnlabeledCase(case_id, self.image_ref(case_id))
-
-
-def read_case_list(path: Path) -> list[str]:
-    """Case ids of a list file, one per line (UA-MT's `<ID>/mri_norm2.h5` lines give `<ID>`)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: case list file does not exist")
-    return [ln.strip().split("/")[0] for ln in path.read_text().splitlines() if ln.strip()]
 
 
 def _listed(listed: list[str], found: list[str], list_file: Path, root: Path) -> list[str]:

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from dtml_deploy import __version__
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.dicom_geometry import DTML_MANUFACTURER, TOLERANCE, SeriesGrid, series_grid
 from dtml_deploy.io.itk_io import ItkGeometry
 from dtml_deploy.io.volume import Volume
+from dtml_deploy.version import __version__
 
 SEGMENT_LABEL = "left atrium cavity"
 SERIES_DESCRIPTION = "dtml left atrium"

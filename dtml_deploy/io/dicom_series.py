@@ -20,7 +20,7 @@ from typing import Any
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.dicom_geometry import non_image_kind, read_header, require_pydicom, series_grid
 from dtml_deploy.io.itk_io import itk_error, native_output, require_sitk, volume_from_image
-from dtml_deploy.io.volume import Volume
+from dtml_deploy.io.scan import Volume
 
 
 def is_dicom_file(path: Path) -> bool:

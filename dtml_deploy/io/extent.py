@@ -20,7 +20,7 @@ def _header_voxels(path: Path, dataset: str | None) -> int | None:
             key = dataset if dataset in f else next(iter(f.keys()))
             return int(np.prod(f[key].shape[:3]))
     if name.endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        from dtml_deploy.io.headers import read_header
+        from dtml_deploy.io.header_reader import read_header
 
         return read_header(path, geometry=False).voxels  # parsed here: ITK would print its complaints
     return None

@@ -54,22 +54,6 @@ class ImageHeader:
         return self.voxels * self.scalar_bytes
 
 
-def read_header(path: Path, geometry: bool = True) -> ImageHeader:
-    """The parsed header of a .nrrd/.nhdr/.mha/.mhd file (an `InputError` naming what is wrong); with
-    `geometry` False its spacing and direction are left unread (the caller gives the spacing)."""
-    path = Path(path)
-    try:
-        if path.name.lower().endswith((".nrrd", ".nhdr")):
-            from dtml_deploy.io.nrrd_header import parse_nrrd
-
-            return parse_nrrd(path, geometry)
-        from dtml_deploy.io.meta_header import parse_meta
-
-        return parse_meta(path, geometry)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the header ({e.strerror or e})") from None
-
-
 def header_lines(path: Path, stop: bytes = b"") -> tuple[list[str], int]:
     """The lines of a text header up to `stop` (a line that begins with it, kept) or a blank line (stop
     empty), or the end of the file; and the byte offset just after them."""

@@ -30,8 +30,9 @@ import numpy as np
 
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.geometry import check_dtype
-from dtml_deploy.io.headers import check_header, read_header
-from dtml_deploy.io.volume import Volume, _check_array
+from dtml_deploy.io.header_reader import read_header
+from dtml_deploy.io.headers import check_header
+from dtml_deploy.io.scan import Volume, check_array
 from dtml_deploy.limits import WorkLimits
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -136,7 +137,7 @@ def volume_from_image(image: Any, path: Path, family: str, files: tuple[str, ...
     view = sitk.GetArrayViewFromImage(image)
     check_dtype(view.dtype, path)  # complex data is refused, not cast with numpy's warning
     data = view.astype(np.float32).transpose(2, 1, 0)
-    data = _check_array(np.ascontiguousarray(data), path)
+    data = check_array(np.ascontiguousarray(data), path)
     geo = ItkGeometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
                       family, files, series_uid)
     return Volume(data, geo.spacing, ras_affine(geo), path, geo, tuple(data.shape))

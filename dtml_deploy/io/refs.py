@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dtml_deploy.io.datasets import ArrayRef
+from dtml_deploy.io.cases import ArrayRef
 from dtml_deploy.io.volume import Volume, read_volume
 
 

@@ -9,7 +9,6 @@ NRRD and MetaImage (`.nrrd`, `.nhdr`, `.mha`, `.mhd`, through SimpleITK: itk_io.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,46 +17,19 @@ import numpy as np
 from dtml_deploy.errors import InputError
 from dtml_deploy.io.atomic import atomic_paths
 from dtml_deploy.io.geometry import H5_GUESSES, check_affine, check_dtype, check_spacing, quiet_nibabel, raw_pixdim
+from dtml_deploy.io.scan import (
+    H5_SUFFIXES,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    SUFFIXES,
+    Volume,
+    check_array,
+    has_volume_suffix,
+)
 from dtml_deploy.limits import WorkLimits
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-H5_SUFFIXES = (".h5",)
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-SUFFIXES = NIFTI_SUFFIXES + H5_SUFFIXES + ITK_SUFFIXES
-
-
-def has_volume_suffix(path: Path) -> bool:
-    """True for a file name this module can read."""
-    return str(path).lower().endswith(SUFFIXES)
-
-
-@dataclass
-class Volume:
-    """A 3D scan as float32 (X, Y, Z) plus the geometry needed to write results back on its grid."""
-
-    array: np.ndarray
-    spacing: tuple[float, float, float]
-    affine: np.ndarray
-    path: Path
-    header: Any = None  # nibabel header of a NIfTI source, itk_io.ItkGeometry of an ITK/DICOM one, None for h5
-    source_shape: tuple[int, ...] = field(default=())  # shape on disk (e.g. X, Y, Z, 1)
-    guessed: tuple[str, ...] = ()  # geometry the file does not hold and that was assumed (h5: H5_GUESSES)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
-
-
-def _check_array(data: np.ndarray, path: Path, what: str = "image") -> np.ndarray:
-    if data.size == 0:
-        raise InputError(f"{path}: {what} has no voxels (shape {tuple(data.shape)})")
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3D {what}, got shape {tuple(data.shape)}")
-    if min(data.shape) < 1:
-        raise InputError(f"{path}: {what} has an empty axis, shape {tuple(data.shape)}")
-    return data
+__all__ = ["H5_SUFFIXES", "ITK_SUFFIXES", "NIFTI_SUFFIXES", "SUFFIXES", "Volume", "has_volume_suffix",
+           "read_volume", "write_all_like", "write_like"]
 
 
 def read_volume(path: Path, default_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -126,7 +98,7 @@ def _read_nifti(path: Path, spacing: tuple[float, float, float] | None, max_voxe
             _check_size(tuple(img.shape), path, max_voxels)
             data = np.asarray(img.get_fdata(dtype=np.float32))
             source_shape = tuple(data.shape)
-            data = _check_array(data, path)
+            data = check_array(data, path)
             explicit = spacing is not None
             if spacing is None:
                 spacing = check_spacing(raw_pixdim(path, img.header), path)
@@ -160,7 +132,7 @@ def _read_h5(path: Path, dataset: str, default_spacing: tuple[float, float, floa
     except Exception as e:
         raise InputError(f"{path}: cannot read h5 ({type(e).__name__}: {str(e)[:120]})") from None
     source_shape = tuple(data.shape)
-    data = _check_array(data, path)
+    data = check_array(data, path)
     return Volume(np.ascontiguousarray(data), tuple(spacing), np.diag([*spacing, 1.0]), path, None, source_shape,
                   guessed)
 

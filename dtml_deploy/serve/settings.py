@@ -1,4 +1,4 @@
-"""The service's own settings (the inference settings are `InferenceSettings`, shared with `segment`)."""
+"""The service's own settings (the inference settings are `PredictorSettings`, shared with `segment`)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def new_figure(width_in: float, height_in: float, dpi: float = 100) -> Any:
 def figure_png(fig: Any) -> bytes:
     """The figure as PNG bytes at its own dpi, marked as dtml's (io/reports.py recognises an earlier picture
     by it before replacing the file)."""
-    from dtml_deploy import __version__
+    from dtml_deploy.version import __version__
 
     buf = io.BytesIO()
     with quiet_glyphs():

@@ -51,13 +51,6 @@ class Thumbnails:
         self.png[case] = preview_png(np.asarray(mask) > 0, affine, spacing, title, image=image,
                                      uncertainty=uncertainty, label=np.asarray(label) > 0.5, style=self.style)
 
-    def take(self, case: str) -> bytes | None:
-        """Hand over (and forget) a case's thumbnail: another rank's, carried to rank 0 (ranks.py)."""
-        return self.png.pop(case, None)
-
-    def put(self, case: str, data: bytes) -> None:
-        self.png[case] = data
-
 
 def qc_column(rows: list[dict[str, Any]], options: ReportOptions) -> tuple[str | None, float | None]:
     """The score to plot Dice against and its flag threshold: `qc_score` when every row has one, else

@@ -242,9 +242,9 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: 
     """A NaN in one loss term at iteration 3 (between checkpoints at 2 and 4) stops the run before the
     checkpoint at 4 would replace the good one; the term is named."""
     from dtml_deploy.io.datasets import make_split, open_source
-    from training import trainer as trainer_mod
-    from training.divergence import TrainingDiverged
-    from training.recipes import recipe
+    from dtml_training import trainer as trainer_mod
+    from dtml_training.divergence import TrainingDiverged
+    from dtml_training.recipes import recipe
 
     real = trainer_mod.Objective.__call__
 
@@ -270,9 +270,9 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch: pytest.
     """An inf BatchNorm running variance leaves the training loss finite (training mode uses batch
     statistics), so only the weight check before writing can catch it."""
     from dtml_deploy.io.datasets import make_split, open_source
-    from training import trainer as trainer_mod
-    from training.divergence import TrainingDiverged
-    from training.recipes import recipe
+    from dtml_training import trainer as trainer_mod
+    from dtml_training.divergence import TrainingDiverged
+    from dtml_training.recipes import recipe
 
     real = trainer_mod.Trainer._step
 
@@ -427,7 +427,7 @@ def test_failed_export_removes_what_it_wrote_but_keeps_older_files(good_bundle: 
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 exports fine, fp16 then fails: the new fp32 file goes too, a file already there stays."""
     pytest.importorskip("onnxruntime")
-    import export.pipeline as pipeline
+    import dtml_export.pipeline as pipeline
 
     real = pipeline.export_verified_onnx
 
@@ -540,7 +540,7 @@ def test_save_uncertainty_needs_both_networks(tmp_path: Path) -> None:
 
 def test_cached_onnx_is_checked_and_rebuilt(good_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
-    from export.pipeline import cached_onnx
+    from dtml_export.pipeline import cached_onnx
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bundle = Bundle.load(good_bundle)
@@ -564,7 +564,7 @@ def test_cached_onnx_is_checked_and_rebuilt(good_bundle: Path, tmp_path: Path, m
 
 def test_corrupt_cached_onnx_does_not_break_segment(good_bundle: Path, tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
-    from export.pipeline import cached_onnx
+    from dtml_export.pipeline import cached_onnx
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = cached_onnx(Bundle.load(good_bundle), good_bundle, "fp32", lambda _: None)
@@ -587,14 +587,14 @@ def test_corrupt_cached_onnx_does_not_break_segment(good_bundle: Path, tmp_path:
     ("patch", (32, 32)), ("intensity", "bogus"),
 ])
 def test_train_config_names_the_bad_field(field: str, value: object) -> None:
-    from training.recipes import recipe
+    from dtml_training.recipes import recipe
 
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         recipe("dtml", **{field: value})
 
 
 def test_consistency_config_is_checked() -> None:
-    from training.losses import ConsistencyConfig
+    from dtml_training.losses import ConsistencyConfig
 
     for kw, name in (({"lambda_max": float("nan")}, "lambda_max"), ({"rampup_period": 0}, "rampup_period"),
                      ({"rampup_length": -1.0}, "rampup_length")):
@@ -603,7 +603,7 @@ def test_consistency_config_is_checked() -> None:
 
 
 def test_labeled_only_recipes_record_no_unlabeled_cases() -> None:
-    from training.recipes import recipe
+    from dtml_training.recipes import recipe
 
     assert recipe("dtml", unlabeled_bs=0).unlabeled == 0  # recorded as used: none
     assert recipe("dtml").unlabeled is None

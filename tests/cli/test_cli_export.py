@@ -47,7 +47,7 @@ def test_export_writes_verified_fp32_and_fp16(bundle_dir, sample_root, tmp_path)
 
 
 def test_failed_verification_fails_and_leaves_nothing(bundle_dir, tmp_path, monkeypatch):
-    import export.verify as verify
+    import dtml_export.verify as verify
 
     strict = verify.Tolerance(max_abs={k: 0.0 for k in ("p_seg", "sdm", "p_dis", "prob")}, min_dice=1.01)
     monkeypatch.setattr(verify, "tolerance", lambda precision, k: strict)
@@ -103,7 +103,7 @@ def test_real_verification_patch_is_taken_at_the_models_spacing(bundle_dir, samp
     """A scan at 1.25 mm is resampled to the model's 0.625 mm before its centre is cut, as `dtml segment`
     would feed it: a 20x20x12 crop becomes 40x40x24, filling the 32^3 patch in x and y."""
     from dtml_deploy.bundle import Bundle
-    from export.pipeline import central_patch
+    from dtml_export.pipeline import central_patch
 
     src = nib.load(str(_case(sample_root)[0]))
     data = np.asarray(src.get_fdata(dtype=np.float32))[30:50, 30:50, 20:32]

@@ -10,22 +10,37 @@ from typing import Any
 import pytest
 import typer.main
 
+from dtml_deploy.backends.base import BackendOptions
 from dtml_deploy.cli import app
-from dtml_deploy.protocol import DTML, Protocol
+from dtml_deploy.cli.common import FLAG_NAMES
+from dtml_deploy.cli.segment import SegmentJob
+from dtml_deploy.engine.grid import GridSpec
+from dtml_deploy.engine.sliding import EngineConfig
+from dtml_deploy.limits import WorkLimits
+from dtml_deploy.protocol import DTML, InferenceProtocol
 from dtml_deploy.ranks import ShardSettings
-from dtml_deploy.runner import InferenceSettings, SegmentJob
+from dtml_deploy.segment import SegmentOptions
 from dtml_deploy.serve.settings import ServeSettings
-from export.benchmark import BenchmarkRequest
-from export.pipeline import ExportRequest
-from training.config import NOT_OPTIONS, OPTION_HELP, TrainConfig
-from training.losses import ConsistencyConfig
+from dtml_deploy.settings import ROUTES, PredictorSettings
+from dtml_export.benchmark import BenchmarkRequest
+from dtml_export.pipeline import ExportRequest
+from dtml_training.config import NOT_OPTIONS, OPTION_HELP, TrainConfig
+from dtml_training.losses import ConsistencyConfig
 
 # (core class, field) each option sets, per command; the option name when it differs from the field.
-_SEGMENT = {f.name: (InferenceSettings, f.name) for f in fields(InferenceSettings) if f.name != "model"}
-_SEGMENT["protocol"] = (Protocol, "name")  # the default protocol: DTML (its fields below)
+# Each option sets the field of that name (or of its FLAG_NAMES name) in the one part of the settings tree
+# that owns it (PredictorSettings' routes).
+_PART = {("segment",): SegmentOptions, ("segment", "engine"): EngineConfig, ("segment", "engine", "grid"): GridSpec,
+         ("segment", "limits"): WorkLimits, ("runtime",): BackendOptions}
+_OPTIONS = ("backend", "artifact", "device", "precision", "overlap", "stride", "batch", "blend", "head", "tta", "qc",
+            "lcc", "resample", "intensity", "save_prob", "save_sdm", "save_uncertainty", "output_format", "preview",
+            "compile", "cuda_graphs", "cudnn_fusion", "spacing", "max_windows")
+_SEGMENT = {o: (PredictorSettings, o) if o == "backend" else (_PART[ROUTES[FLAG_NAMES.get(o, o)]], FLAG_NAMES.get(o, o))
+            for o in _OPTIONS}
+_SEGMENT["protocol"] = (InferenceProtocol, "name")  # the default protocol: DTML (its fields below)
 # Settings a protocol fixes: the option's default is None ("the protocol's"), and the default protocol's
 # value must be the core default of the setting.
-PROTOCOL_SET = {f.name for f in fields(Protocol)} - {"name"}
+PROTOCOL_SET = {f.name for f in fields(InferenceProtocol)} - {"name"}
 _JOB = {"overwrite": (SegmentJob, "overwrite"), "json_report": (SegmentJob, "json_report"),
         "progress": (SegmentJob, "progress"), "rank_timeout": (ShardSettings, "stall_timeout_s")}
 CORE: dict[str, dict[str, tuple[type, str]]] = {
@@ -83,11 +98,11 @@ def test_every_option_default_is_its_core_default(command: str) -> None:
         core = CORE.get(command, {})
     assert set(params) == set(core) | CLI_ONLY[command], "an option is neither a core field nor listed CLI-only"
     for name, (cls, field_name) in core.items():
-        expected = DTML.name if cls is Protocol else _default_of(cls, field_name)
+        expected = DTML.name if cls is InferenceProtocol else _default_of(cls, field_name)
         got = _plain(params[name].default)
         if command != "train" and name in PROTOCOL_SET:
             assert got is None, f"{command} --{name}: the protocol sets it"
-            assert getattr(DTML, name) == expected, f"the dtml protocol's {name} is not InferenceSettings'"
+            assert getattr(DTML, name) == expected, f"the dtml protocol's {name} is not the core default"
             continue
         if command == "train" and name != "recipe":
             # None keeps the recipe's value; --help shows the core default (the dtml recipe's)
@@ -125,7 +140,7 @@ def test_choices_are_the_core_tuples() -> None:
     from dtml_deploy.engine.sliding import HEADS
     from dtml_deploy.intensity import POLICIES
     from dtml_deploy.io.formats import OUTPUT_FORMATS
-    from training.recipes import RECIPES
+    from dtml_training.recipes import RECIPES
 
     seg = {p.name: p for p in _commands()["segment"].params}
     expect = {"backend": BACKENDS, "precision": PRECISIONS, "blend": BLENDS, "head": HEADS, "intensity": POLICIES,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from dtml_deploy.cli import app
 from dtml_deploy.io.datasets import make_split, open_source
-from training.data.cache import load_training_volumes
+from dtml_training.data.cache import load_training_volumes
 
 sitk = pytest.importorskip("SimpleITK", reason="the itk extra (SimpleITK) is not installed")
 

@@ -295,3 +295,22 @@ def test_model_without_data_is_an_error(tiny_bundle_dir: Path) -> None:
     r = _cli("evaluate", "--model", tiny_bundle_dir, *CPU)
     assert r.exit_code == 2
     assert r.stderr.startswith("error:") and "--data" in r.stderr
+
+
+def test_results_carried_between_ranks_are_the_arrays_not_pictures() -> None:
+    """Under torchrun a rank hands rank 0 a case's mask (bits) and uncertainty (1/255 steps) as text;
+    rank 0 draws the thumbnail itself. An odd shape checks that the bit padding is cut off."""
+    import json
+
+    from dtml_deploy.evaluate import _packer, _unpack
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((13, 7, 5)) > 0.5).astype(np.uint8)
+    unc = rng.random((13, 7, 5)).astype(np.float32)
+    kept: dict = {}
+    _packer(kept)("case", mask=mask, uncertainty=unc, label=mask, image=unc)
+    kept = json.loads(json.dumps(kept))  # what the store carries
+    assert set(kept) == {"shape", "mask", "uncertainty"}
+    back = np.unpackbits(_unpack(kept["mask"]), count=mask.size).reshape(kept["shape"])
+    np.testing.assert_array_equal(back, mask)
+    np.testing.assert_allclose(_unpack(kept["uncertainty"]).reshape(mask.shape) / 255, unc, atol=0.5 / 255 + 1e-7)

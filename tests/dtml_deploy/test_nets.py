@@ -10,7 +10,7 @@ from dtml_deploy.config import ModelConfig, NetConfig
 from dtml_deploy.nets import DualTaskNet, VNet, sdm_to_mask
 from dtml_deploy.nets.fold import fold_batchnorm
 from dtml_deploy.nets.vnet import count_parameters
-from export.verify import randomise_batchnorm
+from tests.bundles import randomise_batchnorm
 
 
 def test_parameter_count_matches_the_paper():

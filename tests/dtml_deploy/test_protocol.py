@@ -15,8 +15,8 @@ from dtml_deploy.cli import app
 from dtml_deploy.engine.grid import PAPER_STRIDE, GridSpec
 from dtml_deploy.engine.sliding import EngineConfig
 from dtml_deploy.protocol import DTML, PAPER, resolve_protocol
-from dtml_deploy.runner import InferenceSettings
 from dtml_deploy.segment import SegmentOptions
+from dtml_deploy.settings import PredictorSettings
 
 CPU = ["--backend", "torch", "--device", "cpu", "--no-progress"]
 
@@ -29,7 +29,7 @@ def test_dtml_protocol_takes_its_values_from_the_core_defaults() -> None:
     e, s = EngineConfig(), SegmentOptions()
     assert (DTML.overlap, DTML.stride, DTML.blend, DTML.head, DTML.lcc, DTML.tta) == \
         (e.grid.overlap, e.grid.stride, e.blend, e.head, s.lcc, e.tta)
-    assert DTML.head == "mean" == InferenceSettings.head  # the default head lives in EngineConfig
+    assert DTML.head == "mean" == PredictorSettings().engine.head  # the default head lives in EngineConfig
     assert GridSpec().overlap == 0.5 and DTML.precision is None  # the device's default precision
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dtml_deploy.backends.torch_backend import cpu_has_native_bf16
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.cli import DEFAULT_MODEL, app
+from dtml_deploy.predictor import Predictor
 from dtml_deploy.qc import (
     SMOOTHNESS_SLACK,
     QCReference,
@@ -23,7 +24,6 @@ from dtml_deploy.qc import (
     score,
     warning_line,
 )
-from dtml_deploy.runner import InferenceSettings, build_segmenter
 from tests import phantoms
 
 CPU_PRECISION = "bf16" if cpu_has_native_bf16() else "fp32"
@@ -111,8 +111,7 @@ def test_warning_line() -> None:
 
 @pytest.fixture(scope="module")
 def shipped_segmenter():
-    req = InferenceSettings(model=DEFAULT_MODEL, device="cpu", precision=CPU_PRECISION)
-    return build_segmenter(req)
+    return Predictor.load(DEFAULT_MODEL, device="cpu", precision=CPU_PRECISION).segmenter
 
 
 @pytest.mark.slow

@@ -19,10 +19,10 @@ from dtml_deploy.cli import app
 from dtml_deploy.viz.bench_plot import benchmark_figure
 from dtml_deploy.viz.curves import curves_figure
 from dtml_deploy.viz.figure import figure_rgb, png_to_rgb
+from dtml_training.log_reader import LogTail, read_log
+from dtml_training.run_visuals import run_visuals
+from dtml_training.tensorboard_sink import TensorBoardTail, tag_of
 from tests.conftest import make_bundle
-from training.log_reader import LogTail, read_log
-from training.run_visuals import run_visuals
-from training.tensorboard_sink import TensorBoardTail, tag_of
 
 
 def _rows(n: int = 40, val_every: int = 10) -> list[dict]:

@@ -29,9 +29,10 @@ from dtml_deploy.artifacts import (  # noqa: E402
 from dtml_deploy.backends import BackendOptions, create_backend  # noqa: E402
 from dtml_deploy.backends.onnx_backend import OnnxBackend  # noqa: E402
 from dtml_deploy.errors import BackendUnavailable, BundleError  # noqa: E402
-from export.formats import artifact_path  # noqa: E402
-from export.onnx_export import export_onnx, export_onnx_info  # noqa: E402
-from export.verify import random_bundle, reference_outputs, render_report, tolerance, verify_onnx  # noqa: E402
+from dtml_export.formats import artifact_path  # noqa: E402
+from dtml_export.onnx_export import export_onnx, export_onnx_info  # noqa: E402
+from dtml_export.verify import reference_outputs, render_report, tolerance, verify_onnx  # noqa: E402
+from tests.bundles import random_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = (32, 32, 32)
@@ -116,7 +117,7 @@ def test_graph_check_catches_a_head_computed_in_fp16(exports, bundle):
     an fp16 tanh; the graph check must. Removing the Cast before Tanh must be reported and fail."""
     import onnx
 
-    from export.verify import OutputCheck, VerifyReport, heads_below_fp32
+    from dtml_export.verify import OutputCheck, VerifyReport, heads_below_fp32
 
     report = verify_onnx(bundle, exports["fp16"].path, n_random=1)
     assert report.low_precision_heads == [] and "all fp32" in render_report(report)

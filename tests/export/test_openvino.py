@@ -18,14 +18,14 @@ from dtml_deploy.engine.grid import GridSpec, pad_volume, window_starts
 from dtml_deploy.errors import BackendUnavailable, BundleError
 from dtml_deploy.intensity import prepare
 from dtml_deploy.io.volume import read_volume
-from export.verify import tolerance
+from dtml_export.verify import tolerance
 from tests.conftest import SAMPLE, centred_bundle_dir, crop_real_case, make_bundle, sample_ids
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed")
 pytest.importorskip("onnx", reason="the onnx extra is not installed")
 
-from export.onnx_export import export_onnx
-from export.openvino_export import (
+from dtml_export.onnx_export import export_onnx
+from dtml_export.openvino_export import (
     Int8Disagrees,
     check_int8,
     convert_onnx,
@@ -112,7 +112,7 @@ def test_missing_extra_is_one_line_naming_it(tiny, monkeypatch):
                         real_find_spec(name, *a))
     with pytest.raises(BackendUnavailable, match=r"pip install 'dtml\[openvino\]'"):
         _backend(bundle, xml)
-    from export.pipeline import ExportRequest
+    from dtml_export.pipeline import ExportRequest
 
     with pytest.raises(BackendUnavailable, match=r"openvino; pip install 'dtml\[openvino\]'"):
         ExportRequest(bundle=Path("b"), out_dir=Path("o"), openvino=True)
@@ -169,7 +169,7 @@ def test_int8_check_refuses_a_model_whose_masks_disagree_and_names_the_case(tiny
 
 
 def test_export_request_refuses_int8_without_calibration_and_calibration_without_int8():
-    from export.pipeline import ExportRequest
+    from dtml_export.pipeline import ExportRequest
 
     with pytest.raises(ValueError, match="--int8 needs real scans"):
         ExportRequest(bundle=Path("b"), out_dir=Path("o"), int8=True)
@@ -180,7 +180,7 @@ def test_export_request_refuses_int8_without_calibration_and_calibration_without
 @pytest.mark.slow
 def test_shipped_model_int8_agrees_with_fp32_on_the_real_sample(tmp_path):
     """The shipped pair quantised on the 3 real sample cases (one window each) and checked on them."""
-    from export.pipeline import ExportRequest, run_export
+    from dtml_export.pipeline import ExportRequest, run_export
 
     lines: list[str] = []
     model = Path(__file__).resolve().parents[2] / "dtml_deploy" / "default_model"

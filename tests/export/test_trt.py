@@ -16,8 +16,9 @@ from dtml_deploy.artifacts import TrtProfile, TrtSidecar, check_trt_sidecar, rea
 from dtml_deploy.backends import BackendOptions, create_backend
 from dtml_deploy.backends.trt_backend import TrtBackend
 from dtml_deploy.errors import BackendUnavailable, BundleError, DtmlError
-from export import trt_build
-from export.verify import random_bundle, reference_outputs
+from dtml_export import trt_build
+from dtml_export.verify import reference_outputs
+from tests.bundles import random_bundle
 
 PATCH = (32, 32, 32)
 
@@ -113,7 +114,7 @@ def test_build_without_tensorrt_is_a_clear_error(tmp_path):
     pytest.importorskip("onnx", reason="needs onnx to export the graph to build from")
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
-    from export.onnx_export import export_onnx
+    from dtml_export.onnx_export import export_onnx
 
     onnx_path = export_onnx(random_bundle(4, PATCH, centre_heads=False), tmp_path / "m.onnx")
     with pytest.raises(BackendUnavailable, match=r"pip install 'dtml\[trt\]'"):
@@ -135,7 +136,7 @@ def trt():
 @pytest.fixture(scope="module")
 def built(trt, tmp_path_factory):
     pytest.importorskip("onnx")
-    from export.onnx_export import export_onnx
+    from dtml_export.onnx_export import export_onnx
 
     bundle = random_bundle(4, PATCH, seed=0)
     out = tmp_path_factory.mktemp("trt")

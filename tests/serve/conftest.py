@@ -35,13 +35,12 @@ def scan(tmp_path: Path) -> Path:
 
 
 def make_service(bundle: Path, store: Path, **settings):  # -> Service
-    from dtml_deploy.bundle import Bundle
-    from dtml_deploy.runner import InferenceSettings
+    from dtml_deploy.predictor import Predictor
     from dtml_deploy.serve.app import Service
     from dtml_deploy.serve.inference import Model
     from dtml_deploy.serve.settings import ServeSettings
 
-    model = Model(InferenceSettings(model=bundle, backend="torch", device="cpu"), Bundle.load(bundle))
+    model = Model(Predictor.load(bundle, backend="torch", device="cpu"))
     return Service.start(model, ServeSettings(store=store, **settings))
 
 

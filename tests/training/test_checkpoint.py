@@ -10,7 +10,7 @@ import torch
 from dtml_deploy.config import NetConfig
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.nets.dual import DualTaskNet
-from training.checkpoint import load_checkpoint, save_checkpoint
+from dtml_training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _trained_step(seed: int) -> tuple[DualTaskNet, dict[str, torch.optim.Optimizer]]:

@@ -25,11 +25,11 @@ from dtml_deploy.errors import DataError
 from dtml_deploy.io.datasets import make_split, open_source
 from dtml_deploy.nets.dual import DualTaskNet
 from dtml_deploy.ranks import Ranks
-from training.config import TrainConfig
-from training.data.sampler import TwoStreamSampler, check_batch_composition, rank_rows
-from training.distributed import GlobalBatchDropout3d, use_global_batch_layers
-from training.recipes import recipe
-from training.trainer import Trainer
+from dtml_training.config import TrainConfig
+from dtml_training.data.sampler import TwoStreamSampler, check_batch_composition, rank_rows
+from dtml_training.distributed import GlobalBatchDropout3d, use_global_batch_layers
+from dtml_training.recipes import recipe
+from dtml_training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 N, K = 4, 2  # iterations of the runs; the interrupted run stops at K and is resumed to N

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from training.logs import TrainLogger
+from dtml_training.logs import TrainLogger
 
 
 def _rows(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import ConsistencyConfig, consistency_loss, dice_loss, dis_loss, seg_loss
+from dtml_training.losses import ConsistencyConfig, consistency_loss, dice_loss, dis_loss, seg_loss
 
 
 def test_dice_loss_by_hand():
@@ -89,7 +89,7 @@ def test_single_backward_equals_the_released_codes_two_backward_calls():
 
 
 def _batch_and_maps(seed: int = 0, n_l: int = 2, n_u: int = 2):
-    from training.data.dataset import Batch
+    from dtml_training.data.dataset import Batch
 
     g = torch.Generator().manual_seed(seed)
     shape = (6, 6, 4)
@@ -105,8 +105,8 @@ def _batch_and_maps(seed: int = 0, n_l: int = 2, n_u: int = 2):
 def test_objective_uses_labeled_half_for_supervision_and_all_for_consistency(supervision):
     """The trainer's objective: L_seg and L_dis read only the labeled (first) samples and their labels,
     L_con reads every sample, and the total is L_seg + L_dis + w(t) L_con with the recipe's ramp-up."""
-    from training.recipes import recipe
-    from training.trainer import Objective
+    from dtml_training.recipes import recipe
+    from dtml_training.trainer import Objective
 
     cfg = recipe("dtml", supervision=supervision, iterations=6000)
     objective = Objective(cfg)

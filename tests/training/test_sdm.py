@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from training.data.sdm import inner_boundary, signed_distance_batch, signed_distance_map
+from dtml_training.data.sdm import inner_boundary, signed_distance_batch, signed_distance_map
 
 
 def brute_distance_to(mask_from: np.ndarray, mask_to: np.ndarray) -> np.ndarray:

@@ -15,12 +15,12 @@ import torch
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import DataError
 from dtml_deploy.io.datasets import LabeledCase, UnlabeledCase, make_split, open_source
-from training.data import cache as cache_mod
-from training.data.augment import random_patch
-from training.data.cache import load_training_volumes
-from training.data.sampler import TwoStreamSampler
-from training.recipes import RECIPES, recipe
-from training.trainer import Trainer
+from dtml_training.data import cache as cache_mod
+from dtml_training.data.augment import random_patch
+from dtml_training.data.cache import load_training_volumes
+from dtml_training.data.sampler import TwoStreamSampler
+from dtml_training.recipes import RECIPES, recipe
+from dtml_training.trainer import Trainer
 
 TINY = dict(n_filters=4, patch=(32, 32, 32), workers=0, checkpoint_every=0)
 
@@ -238,7 +238,7 @@ def test_resume_is_bit_for_bit(sample_root, tmp_path):
 
 
 def test_cpu_training_keeps_freed_host_memory(sample_root, tmp_path, monkeypatch):
-    import training.trainer as trainer_mod
+    import dtml_training.trainer as trainer_mod
 
     calls = []
     monkeypatch.setattr(trainer_mod, "keep_freed_host_memory", lambda: calls.append(1) or True)
@@ -310,7 +310,7 @@ def test_sigterm_checkpoints_and_stops(sample_root, tmp_path, monkeypatch):
     import os
     import signal
 
-    from training import trainer as trainer_mod
+    from dtml_training import trainer as trainer_mod
 
     real = trainer_mod.Objective.__call__
 

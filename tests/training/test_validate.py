@@ -15,9 +15,9 @@ from dtml_deploy.engine.sliding import EngineConfig
 from dtml_deploy.io.datasets import open_source
 from dtml_deploy.metrics import dice
 from dtml_deploy.segment import Segmenter, SegmentOptions
+from dtml_training.data.cache import load_image, load_label
+from dtml_training.validate import validate
 from tests.conftest import make_bundle
-from training.data.cache import load_image, load_label
-from training.validate import validate
 
 
 def _cropped_cases(sample_root: Path, dst: Path, n: int = 2) -> Path:

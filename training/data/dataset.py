@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.data.augment import random_patch
-from training.data.cache import VolumeCache
-from training.data.sampler import Key
-from training.data.sdm import signed_distance_map
+from dtml_training.data.augment import random_patch
+from dtml_training.data.cache import VolumeCache
+from dtml_training.data.sampler import Key
+from dtml_training.data.sdm import signed_distance_map
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dtml_deploy.errors import DataError
 
 if TYPE_CHECKING:
     from dtml_deploy.io.datasets import Split
-    from training.config import TrainConfig
+    from dtml_training.config import TrainConfig
 
 Key = tuple[int, int]  # (dataset index, augmentation seed)
 

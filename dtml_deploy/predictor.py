@@ -29,7 +29,7 @@ from dtml_deploy.protocol import PROTOCOL_SETTINGS, resolve_protocol
 from dtml_deploy.qc import QCResult
 from dtml_deploy.ranks import Ranks, ShardSettings
 from dtml_deploy.segment import CaseReport, Segmentation, Segmenter, fill_report
-from dtml_deploy.settings import ROUTES, PredictorSettings, engine_for
+from dtml_deploy.settings import ROUTES, PredictorSettings, artifact_from_folder, engine_for
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 # Makes the ONNX graph a run without an artifact needs: (bundle, bundle folder, precision) -> its path.
@@ -101,6 +101,7 @@ class Predictor:
         """`settings` must be resolved for `bundle` (`PredictorSettings.resolve`); use `Predictor.load`.
         `backend`: one already made for these settings (a server's backend shared by its jobs)."""
         self.bundle, self.settings, self.model, self.ranks = bundle, settings, model, ranks
+        self.chosen = ""  # which model of an export folder runs and why (Predictor.load); '' otherwise
         if backend is None:
             backend = create_backend(settings.backend, bundle, settings.runtime, settings.engine.channels)
         self.segmenter = Segmenter(bundle, backend, settings.segment)
@@ -120,13 +121,16 @@ class Predictor:
         else:
             folder = Path(model) if model is not None else default_model()
             bundle = Bundle.load(folder)
+        settings, chosen = artifact_from_folder(settings, ranks)
         settings = settings.resolve(bundle, ranks)
         if settings.backend == "onnx" and settings.runtime.artifact is None:
             if folder is None:
                 raise BackendUnavailable("--backend onnx with a bundle in memory needs an artifact (an .onnx)")
             graph = (exporter or installed_exporter())(bundle, folder, str(settings.runtime.precision))
             settings = replace(settings, runtime=replace(settings.runtime, artifact=graph))
-        return cls(bundle, settings, folder, ranks)
+        predictor = cls(bundle, settings, folder, ranks)
+        predictor.chosen = chosen
+        return predictor
 
     def with_settings(self, **given: Any) -> Predictor:
         """A Predictor on this one's loaded backend with other segmentation settings (`head=`, `tta=`,

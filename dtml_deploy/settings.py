@@ -39,7 +39,6 @@ class PredictorSettings:
     protocol: str = DTML.name  # the named set of settings measured together (dtml_deploy/protocol.py)
     segment: SegmentOptions = field(default_factory=SegmentOptions)  # engine, grid, post-processing, limits
     runtime: BackendOptions = field(default_factory=BackendOptions)  # device, precision, batch, artifact
-    chosen: str = ""  # set by `resolve` when the artifact named an export folder: what runs from it and why
 
     @classmethod
     def build(cls, protocol: str | None = DTML.name, **given: Any) -> PredictorSettings:
@@ -72,12 +71,6 @@ class PredictorSettings:
         what the bundle trained. Raises ValueError / BackendUnavailable for a combination that cannot run."""
         resolve_protocol(self.protocol)  # an unknown protocol name is refused here too
         rt = self.runtime
-        if rt.artifact is not None and Path(rt.artifact).is_dir():  # an export folder: its fastest usable model
-            folder = Path(rt.artifact)
-            choice = pick_from_folder(folder, self.backend, resolve_device(rank_device(rt.device, ranks)).type)
-            picked = replace(self, backend=choice.backend, runtime=replace(rt, artifact=choice.artifact),
-                             chosen=f"--backend {self.backend}: running {choice.reason}")
-            return picked.resolve(bundle, ranks)
         name = resolve_backend(self.backend, rt.artifact, compile=rt.compile, cuda_graphs=rt.cuda_graphs,
                                cudnn_fusion=rt.cudnn_fusion)
         device = rank_device(rt.device, ranks)
@@ -86,6 +79,18 @@ class PredictorSettings:
         runtime = replace(rt, device=device).resolved(name)
         return replace(self, backend=name, runtime=runtime,
                        segment=replace(self.segment, engine=engine_for(self.engine, bundle)))
+
+
+def artifact_from_folder(settings: PredictorSettings, ranks: Ranks = Ranks()) -> tuple[PredictorSettings, str]:
+    """When the artifact names an export folder: the settings with its fastest usable model (and its backend)
+    chosen, and a line saying which and why; otherwise the settings unchanged and ''."""
+    rt = settings.runtime
+    if rt.artifact is None or not Path(rt.artifact).is_dir():
+        return settings, ""
+    choice = pick_from_folder(Path(rt.artifact), settings.backend,
+                              resolve_device(rank_device(rt.device, ranks)).type)
+    picked = replace(settings, backend=choice.backend, runtime=replace(rt, artifact=choice.artifact))
+    return picked, f"--backend {settings.backend}: running {choice.reason}"
 
 
 def engine_for(cfg: EngineConfig, bundle: Bundle) -> EngineConfig:

@@ -74,9 +74,9 @@ class OpenVinoBackend(Backend):
         if self.device.type != "cpu":
             raise BackendUnavailable(f"the openvino backend runs on the CPU, not {self.device}; pass --device cpu "
                                      "or use --backend trt/torch on CUDA")
-        if options.precision not in _HINTS:
+        if self.options.precision not in _HINTS:
             raise BackendUnavailable(f"the openvino backend computes fp32 or bf16 (int8 layers stay int8), not "
-                                     f"{options.precision}; pass --precision fp32")
+                                     f"{self.options.precision}; pass --precision fp32")
         artifact = require_artifact(options.artifact, "openvino")
         model, self.info = load_ir(artifact)
         check_bundle_hash(self.info.bundle_hash, bundle, str(artifact), EXPORT_OPENVINO)
@@ -86,7 +86,7 @@ class OpenVinoBackend(Backend):
         self.artifact = artifact
         self._model = model
         self._requests: dict[int, Any] = {}  # batch size -> infer request of a model compiled for it
-        self._infer_request(options.batch)  # compile errors surface here, not at the first window
+        self._infer_request(self.options.batch)  # compile errors surface here, not at the first window
 
     def _infer_request(self, batch: int) -> Any:
         """An infer request for a static [batch, 1, *patch] input (compiled once per batch size: the engine

@@ -24,7 +24,7 @@ def opening_lines(predictor: Predictor, what: str, precision_chosen: bool, qc: b
     from dtml_deploy.qc_reference import no_qc_note
 
     backend = predictor.segmenter.backend
-    notes = (predictor.settings.chosen or None,
+    notes = (predictor.chosen or None,
              cpu_precision_note(backend.name, backend.device, str(backend.options.precision), precision_chosen),
              no_qc_note(predictor.bundle.meta) if qc else None)
     return [f"{what}{predictor.ranks.running(predictor.describe())}", *(n for n in notes if n)]

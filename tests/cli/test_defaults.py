@@ -50,7 +50,7 @@ CORE: dict[str, dict[str, tuple[type, str]]] = {
                                                                   "cuda_graphs", "cudnn_fusion")},
                  "rank_timeout": (ShardSettings, "stall_timeout_s")},
     "export": {f.name: (ExportRequest, f.name) for f in fields(ExportRequest)
-               if f.name not in ("bundle", "out_dir", "precisions", "trt_fp16")},
+               if f.name not in ("bundle", "out_dir", "precisions", "trt_fp16", "calibration")},
     "serve": {**_SEGMENT,
               **{f.name: (ServeSettings, f.name) for f in fields(ServeSettings)
                  if f.name in ("host", "port", "token_file", "workers", "queue", "max_upload_mb", "store")},
@@ -65,7 +65,7 @@ CLI_ONLY = {
     "serve": {"model", "retention_hours"},  # retention_hours: ServeSettings.retention_s in hours (tested below)
     "evaluate": {"pred_dir", "gt_dir", "model", "data", "labels", "cases", "json_out", "csv_out", "report",
                  "ignore_geometry", "progress"},
-    "export": {"model", "output", "precision", "trt_precision"},
+    "export": {"model", "output", "precision", "trt_precision", "calibration"},  # calibration: globs -> scans
     "benchmark": {"model", "data", "batch", "json_out", "formats", "plot", "progress"},
     "plot": {"run_dir", "output"},
     "train": {"data", "out", "labels", "case_list", "resume", "overwrite", "progress", "tensorboard"},

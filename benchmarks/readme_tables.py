@@ -182,6 +182,7 @@ def serve_table(doc: dict) -> str:
         lines.append(f"| {mode} | {r['total_s']:.1f} | {r['scans_per_s']:.3f} | {r['latency_p50_s']:.2f} | "
                      f"{r['latency_p95_s']:.2f} | {fmt(r.get('forwards', ''))} | "
                      f"{'identical' if r['masks_equal_cli'] else 'DIFFERENT'} |")
+    return "\n".join(lines)
 
 
 def openvino_accuracy_table(doc: dict) -> str:

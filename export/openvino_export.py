@@ -121,7 +121,7 @@ def quantize_int8(model: Any, windows: list[np.ndarray]) -> Any:
     return nncf.quantize(model, dataset, subset_size=len(windows))
 
 
-def check_int8(bundle_dir: Path, bundle: Bundle, fp32: Path, int8: Path, scans: list[Path], min_agreement: float,
+def check_int8(bundle: Bundle, fp32: Path, int8: Path, scans: list[Path], min_agreement: float,
                echo: Callable[[str], None] = print) -> list[CaseAgreement]:
     """Segment every scan with both IRs; raise `Int8Disagrees` naming the worst case below `min_agreement`."""
     def segmenter(xml: Path) -> Any:

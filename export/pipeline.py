@@ -248,7 +248,7 @@ def _export_openvino(req: ExportRequest, bundle: Bundle, onnx_fp32: Path,
     quantised = quantize_int8(convert_onnx(onnx_fp32), windows)
 
     def check(tmp: Path) -> None:
-        check_int8(req.bundle, bundle, fp32, tmp, scans, req.min_int8_agreement, echo)
+        check_int8(bundle, fp32, tmp, scans, req.min_int8_agreement, echo)
 
     xml = save_ir(quantised, bundle, artifact_path(req.out_dir, "openvino", "int8"), "int8", req.opset, check)
     return [*results, result(xml, "int8", time.perf_counter() - t)]

@@ -147,12 +147,12 @@ def _crop_scans(folder: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_int8_check_refuses_a_model_whose_masks_disagree_and_names_the_case(tiny, tmp_path):
-    bundle, bundle_dir, xml = tiny
+    bundle, _, xml = tiny
     scans = _crop_scans(tmp_path)
     real = [w for s in scans for w in scan_windows(s, bundle, 2)]
     good = save_ir(quantize_int8(convert_onnx(xml.with_suffix(".onnx")), real), bundle,
                    tmp_path / "model-int8.xml", "int8", 17)
-    results = check_int8(bundle_dir, bundle, xml, good, scans, 0.9, echo=lambda _: None)
+    results = check_int8(bundle, xml, good, scans, 0.9, echo=lambda _: None)
     assert [r.case for r in results] == sample_ids(SAMPLE) and min(r.dice for r in results) >= 0.9
     _, info = load_ir(good)
     assert info.precision == "int8" and info.bundle_hash == bundle.content_hash
@@ -161,7 +161,7 @@ def test_int8_check_refuses_a_model_whose_masks_disagree_and_names_the_case(tiny
                   tmp_path / "bad-int8.xml", "int8", 17)
     lines: list[str] = []
     with pytest.raises(Int8Disagrees) as refused:
-        check_int8(bundle_dir, bundle, xml, bad, scans, 0.9, echo=lines.append)
+        check_int8(bundle, xml, bad, scans, 0.9, echo=lines.append)
     per_case = {ln.split(" on ")[1].split(":")[0]: float(ln.split("mask Dice ")[1].split()[0]) for ln in lines}
     worst = min(per_case, key=per_case.__getitem__)
     assert len(per_case) == 3 and per_case[worst] < 0.9

@@ -1,8 +1,9 @@
 """Which backend a request runs on, refusing options that backend would silently drop.
 
 `--artifact` names a file (it runs on its format's backend) or an export folder (`dtml export -o DIR`):
-from a folder the backend and file are picked by `pick_from_folder` in the order of measured speed on the
-device (`CPU_RANKING`), among the artifacts present whose runtime is installed.
+from a folder the backend and file are picked by `pick_from_folder`: the fastest among the artifacts present
+whose runtime is installed, by the folder's own timing on this machine (`speed.json`, written by `dtml export
+--openvino`: dtml_deploy/speed_record.py) or else by the repository's measured order (`CPU_RANKING`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtml_deploy.artifacts import FORMATS, format_for_path
+from dtml_deploy.speed_record import SPEED_FILE, SpeedRecord, read_record, row_applies
 
 # Fastest first, whole scans on the CPU (benchmarks/openvino_speed.py -> benchmarks/results/openvino_speed_cpu.json,
 # default grid, median of 3 interleaved rounds on a shared 2-core Xeon: openvino int8 3.4x torch fp32, openvino
@@ -29,15 +31,46 @@ class Choice:
     backend: str
     artifact: Path | None
     reason: str
+    precision: str | None = None  # torch's measured precision when it won (None: the settings' own)
 
 
 def _installed(backend: str) -> bool:
     return backend == "torch" or all(importlib.util.find_spec(p) is not None for p in FORMATS[backend].run_packages)
 
 
-def pick_from_folder(folder: Path, backend: str, device_type: str) -> Choice:
-    """The fastest measured (backend, artifact) in `folder` for `device_type` whose runtime is installed;
-    `backend` other than auto restricts the choice to that backend (a ValueError when it has no file there)."""
+def pick_from_folder(folder: Path, backend: str, device_type: str, precision: str | None = None) -> Choice:
+    """The fastest (backend, artifact) in `folder` for `device_type` whose runtime is installed: by the folder's
+    own measurement (`speed.json`, written by `dtml export --openvino` on this machine) when it applies, else
+    by the repository's ranking. `backend` other than auto restricts the choice to that backend (a ValueError
+    when it has no file there); a `precision` given restricts torch's measured rows to it."""
+    record, why_not = read_record(folder) if device_type == "cpu" else (None, "")
+    if record is not None:
+        measured = _pick_measured(Path(folder), record, backend, precision)
+        if measured is not None:
+            return measured
+    choice = _pick_ranked(Path(folder), backend, device_type)
+    return Choice(choice.backend, choice.artifact, f"{choice.reason}; {why_not}" if why_not else choice.reason)
+
+
+def _pick_measured(folder: Path, record: SpeedRecord, backend: str, precision: str | None) -> Choice | None:
+    """The fastest row of `record` that can run here now, or None when none of its rows can."""
+    usable = [r for r in record.rows if backend in ("auto", r.backend) and _installed(r.backend)
+              and row_applies(r, folder) and (r.backend != "torch" or precision in (None, r.precision))]
+    if not usable:
+        return None
+    best = min(usable, key=lambda r: r.ms_per_window)
+    torch_row = next((r for r in record.rows if r.backend == "torch" and r.precision == "fp32"), None)
+    than = (f", {torch_row.ms_per_window / best.ms_per_window:.1f}x torch fp32"
+            if torch_row is not None and best is not torch_row else "")
+    where = f" ({folder / best.artifact})" if best.artifact else ""
+    return Choice(best.backend, folder / best.artifact if best.artifact else None,
+                  f"{best.label}{where}: {best.ms_per_window:.0f} ms per window{than}, the fastest measured "
+                  f"on this machine ({folder / SPEED_FILE}: {record.summary()})",
+                  best.precision if best.backend == "torch" else None)
+
+
+def _pick_ranked(folder: Path, backend: str, device_type: str) -> Choice:
+    """The first entry of the repository's ranking for `device_type` with a usable file in `folder`."""
     ranking = CUDA_RANKING if device_type == "cuda" else CPU_RANKING
     passed_over = []
     for name, precision in ranking:
@@ -46,7 +79,7 @@ def pick_from_folder(folder: Path, backend: str, device_type: str) -> Choice:
         if name == "torch":
             why = f"; {', '.join(passed_over)}" if passed_over else ""
             return Choice("torch", None, f"torch {precision} (no faster artifact usable in {folder}{why})")
-        path = Path(folder) / FORMATS[name].filename(precision)
+        path = folder / FORMATS[name].filename(precision)
         if not path.is_file():
             continue
         if not _installed(name):
@@ -54,12 +87,12 @@ def pick_from_folder(folder: Path, backend: str, device_type: str) -> Choice:
             continue
         return Choice(name, path, f"{name} {precision} ({path}), the fastest measured on the {device_type} "
                                   f"({RANKING_SOURCE})")
-    present = sorted(p.name for f in FORMATS.values() for p in Path(folder).glob(f"model-*{f.suffix}"))
+    present = sorted(p.name for f in FORMATS.values() for p in folder.glob(f"model-*{f.suffix}"))
     for p in present:  # another precision of the asked backend (e.g. model-fp32.xml): run it as named
         fmt = format_for_path(Path(p))
         if backend in ("auto", fmt.backend) and _installed(fmt.backend):
-            return Choice(fmt.backend, Path(folder) / p, f"{fmt.backend} ({Path(folder) / p}), the only usable "
-                                                         f"artifact in {folder}")
+            return Choice(fmt.backend, folder / p, f"{fmt.backend} ({folder / p}), the only usable "
+                                                   f"artifact in {folder}")
     raise ValueError(f"--artifact {folder}: no artifact for --backend {backend} there "
                      f"(found: {', '.join(present) or 'none'}); make one with `dtml export -o {folder}`")
 

@@ -88,8 +88,9 @@ def artifact_from_folder(settings: PredictorSettings, ranks: Ranks = Ranks()) ->
     if rt.artifact is None or not Path(rt.artifact).is_dir():
         return settings, ""
     choice = pick_from_folder(Path(rt.artifact), settings.backend,
-                              resolve_device(rank_device(rt.device, ranks)).type)
-    picked = replace(settings, backend=choice.backend, runtime=replace(rt, artifact=choice.artifact))
+                              resolve_device(rank_device(rt.device, ranks)).type, rt.precision)
+    picked = replace(settings, backend=choice.backend,
+                     runtime=replace(rt, artifact=choice.artifact, precision=rt.precision or choice.precision))
     return picked, f"--backend {settings.backend}: running {choice.reason}"
 
 

@@ -26,6 +26,7 @@ from dtml_deploy.io.atomic import atomic_write_text
 from dtml_deploy.io.digest import file_sha256
 from dtml_deploy.io.volume import read_volume
 from dtml_deploy.resample import resize, spacing_differs, target_shape
+from dtml_deploy.speed_record import SPEED_FILE, write_record
 from dtml_deploy.version import __version__
 from dtml_export.formats import FORMATS, artifact_path, require_packages
 from dtml_export.onnx_export import DEFAULT_OPSET, check_opset, export_onnx_info
@@ -62,6 +63,9 @@ class ExportRequest:
     # model's 16 calibration scans measured 0.990-0.998, most unlabeled cases >= 0.98 but not all
     # (benchmarks/results/openvino_accuracy_cpu.json): a pass is necessary, not sufficient.
     min_int8_agreement: float = 0.98
+    # With openvino: time every CPU-runnable model of the folder beside torch here (export/speed_probe.py) and
+    # write speed.json, which `--backend auto --artifact FOLDER` ranks the folder's models by on this machine.
+    measure: bool = True
 
     def __post_init__(self) -> None:
         check_opset(self.opset)
@@ -191,7 +195,7 @@ def run_export(req: ExportRequest, echo: Callable[[str], None] = print) -> list[
         if "fp32" not in precisions:
             precisions.append("fp32")  # the IR is converted from the verified fp32 graph
         xmls = [artifact_path(req.out_dir, "openvino", p) for p in ("fp32", "int8")]
-        planned += [*xmls, *(x.with_suffix(".bin") for x in xmls)]
+        planned += [*xmls, *(x.with_suffix(".bin") for x in xmls), Path(req.out_dir) / SPEED_FILE]
     with _nothing_left_on_failure(req.out_dir, planned):
         return _export_all(req, bundle, precisions, real, echo)
 
@@ -220,7 +224,21 @@ def _export_all(req: ExportRequest, bundle: Bundle, precisions: list[str], real:
         results.append(ExportResult(engine, "trt", "fp16" if req.trt_fp16 else "fp32", build.seconds, size))
     if req.openvino or req.int8:
         results += _export_openvino(req, bundle, onnx_paths["fp32"], echo)
+        if req.measure:
+            _measure(req, bundle, real, echo)
     return results
+
+
+def _measure(req: ExportRequest, bundle: Bundle, real: np.ndarray | None, echo: Callable[[str], None]) -> None:
+    """Time the folder's CPU models beside torch here and write speed.json (what `--backend auto` reads)."""
+    from dtml_export.speed_probe import ROUNDS, measure_folder
+
+    echo(f"timing the CPU models beside torch on this machine (best of {ROUNDS} rounds)...")
+    record = measure_folder(bundle, req.out_dir, [real] if real is not None else [])
+    fastest = min(record.rows, key=lambda r: r.ms_per_window)
+    path = write_record(req.out_dir, record)
+    echo(f"speed: {path} (ms per window, batch {record.batch}): {record.summary()}; `--backend auto --artifact "
+         f"{req.out_dir}` runs {fastest.label} on this machine")
 
 
 def _export_openvino(req: ExportRequest, bundle: Bundle, onnx_fp32: Path,

@@ -67,6 +67,8 @@ def export_cmd(
     min_int8_agreement: Annotated[float, typer.Option(
         help="Refuse the int8 model when a calibration scan's mask Dice with fp32 falls below this")]
         = _default("min_int8_agreement"),
+    measure: Annotated[bool, typer.Option(help="With --openvino: time the folder's CPU models beside torch here "
+                                          "(speed.json, which --backend auto ranks them by)")] = _default("measure"),
 ) -> None:
     """Export a bundle to verified ONNX (fp32/fp16); --trt adds a TensorRT engine + sidecar, --openvino an
     OpenVINO IR, --int8 an int8 IR quantised on real scans and checked against fp32."""
@@ -86,5 +88,5 @@ def export_cmd(
                             openvino=openvino, int8=int8,
                             calibration=_calibration_scans(calibration or [], expand_inputs),
                             calibration_cases=calibration_cases, calibration_windows=calibration_windows,
-                            min_int8_agreement=min_int8_agreement)
+                            min_int8_agreement=min_int8_agreement, measure=measure)
         run_export(req, typer.echo)

@@ -67,7 +67,8 @@ def test_missing_openvino_is_one_line_naming_the_extra(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_export_writes_both_irs_after_checking_int8_on_each_calibration_scan(made):
     names = sorted(p.name for p in made["export"].iterdir())
-    assert names == ["model-fp32.bin", "model-fp32.onnx", "model-fp32.xml", "model-int8.bin", "model-int8.xml"]
+    assert names == ["model-fp32.bin", "model-fp32.onnx", "model-fp32.xml", "model-int8.bin", "model-int8.xml",
+                     "speed.json"]
     checked = [ln for ln in made["log"].splitlines() if "int8 vs fp32 on" in ln]  # type: ignore[attr-defined]
     assert sorted(ln.split(" on ")[1].split(":")[0] for ln in checked) == sample_ids(SAMPLE)
     assert "calibrating on 6 windows of 3 scan(s)" in made["log"]  # type: ignore[operator]
@@ -100,20 +101,32 @@ def test_segment_with_both_irs_agrees_with_torch(made, tmp_path):
 
 
 @pytest.mark.slow
-def test_artifact_folder_runs_the_fastest_measured_and_says_so(made, tmp_path):
+def test_export_times_the_folder_here_and_auto_runs_its_fastest_row(made, tmp_path):
+    from dtml_deploy.speed_record import host_id, read_record
+
+    record, why_not = read_record(made["export"])
+    assert record is not None and why_not == "" and record.host == host_id()
+    timed = {r.label: r for r in record.rows}
+    assert {"torch fp32", "onnx fp32", "openvino fp32", "openvino int8"} <= set(timed)
+    assert all(r.ms_per_window > 0 for r in record.rows)
+    assert f"runs {min(record.rows, key=lambda r: r.ms_per_window).label} on this machine" in made["log"]
     scan = sorted(made["crops"].iterdir())[0]
-    r = _run("segment", scan, "-o", tmp_path / "o", "--model", made["bundle"], "--artifact", made["export"], *COMMON)
-    assert r.exit_code == 0, r.output
-    assert f"--backend auto: running openvino int8 ({made['export'] / 'model-int8.xml'})" in r.stderr
-    (made["export"] / "model-int8.xml").rename(made["export"] / "kept.xml")
-    try:  # without the int8 IR, the next measured: OpenVINO fp32
-        r = _run("segment", scan, "-o", tmp_path / "p", "--model", made["bundle"], "--artifact", made["export"],
+
+    def auto_line(out: Path, *extra) -> str:
+        r = _run("segment", scan, "-o", out, "--model", made["bundle"], "--artifact", made["export"], *extra,
                  *COMMON)
         assert r.exit_code == 0, r.output
-        assert f"--backend auto: running openvino fp32 ({made['export'] / 'model-fp32.xml'})" in r.stderr
-        r = _run("segment", scan, "-o", tmp_path / "q", "--model", made["bundle"], "--artifact", made["export"],
-                 "--backend", "onnx", *COMMON)
-        assert r.exit_code == 0 and "running onnx (" in r.stderr and "model-fp32.onnx" in r.stderr, r.output
+        return next(ln for ln in r.stderr.splitlines() if ln.startswith("--backend "))
+
+    fastest = min(record.rows, key=lambda r: r.ms_per_window)
+    assert auto_line(tmp_path / "o").startswith(f"--backend auto: running {fastest.label}")
+    assert "the fastest measured on this machine" in auto_line(tmp_path / "o2")
+    line = auto_line(tmp_path / "q", "--backend", "onnx")  # a named backend: its own measured row
+    assert line.startswith(f"--backend onnx: running onnx fp32 ({made['export'] / 'model-fp32.onnx'})"), line
+    (made["export"] / "model-int8.xml").rename(made["export"] / "kept.xml")
+    try:  # a timed file gone: the fastest of the rows that can still run
+        rest = min((r for r in record.rows if r.label != "openvino int8"), key=lambda r: r.ms_per_window)
+        assert auto_line(tmp_path / "p").startswith(f"--backend auto: running {rest.label}")
     finally:
         (made["export"] / "kept.xml").rename(made["export"] / "model-int8.xml")
 

@@ -97,6 +97,8 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         **{f"{p}_{m}": mean(f"{p}_{m}") for p in ("fp32", "int8") for m in ("dice", "hd95_mm", "seconds")},
         "mask_dice_int8_vs_fp32_mean": mean("mask_dice_int8_vs_fp32"),
         "mask_dice_int8_vs_fp32_min": worst["mask_dice_int8_vs_fp32"], "worst_case": worst["case"],
+        "min_int8_agreement": ExportRequest.min_int8_agreement,
+        "cases_below_min_agreement": sum(r["mask_dice_int8_vs_fp32"] < ExportRequest.min_int8_agreement for r in rows),
         "worst_case_fp32_dice": worst["fp32_dice"], "qc_passed_cases": len(passed),
         "mask_dice_int8_vs_fp32_min_qc_passed": worst_passed["mask_dice_int8_vs_fp32"],
         "worst_qc_passed_case": worst_passed["case"],
@@ -127,6 +129,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=OUT)
     ap.add_argument("--reverse", action="store_true", help="score the cases from the last one backwards")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="add these files' rows to --json and stop")
+    ap.add_argument("--load", default="", help="what else ran on the machine meanwhile (recorded in the JSON)")
     args = ap.parse_args()
     if args.merge:
         merge(args.json, args.merge)
@@ -136,7 +139,7 @@ def main() -> None:
         sys.exit("error: LA2018 not found (set DTML_DATA)")
     splits = json.loads((root / "splits.json").read_text())
     report: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
-    report.update(machine=machine(), note="2 shared cores: other developers' jobs ran at the same time",
+    report.update(machine=machine(), note=args.load or report.get("note", ""),
                   export=report.get("export") or make_export(args.export, root, splits["labeled_16"],
                                                              args.calibration_cases))
     bundle = Bundle.load(MODEL)

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=OUT)
     ap.add_argument("--case", default=None, help="LA2018 case id (default: the smallest unlabeled scan)")
     ap.add_argument("--made-by", default="", help="how the IRs were made (recorded in the JSON)")
+    ap.add_argument("--load", default="", help="what else ran on the machine meanwhile (recorded in the JSON)")
     args = ap.parse_args()
     root = find_data()
     if root is None:
@@ -109,7 +110,7 @@ def main() -> None:
             masks[(grid_name, name)] = np.asarray(fn())
             runs[f"{grid_name}|{name}"].append(time.perf_counter() - t)
             print(f"round {r + 1} {grid_name} {name}: {runs[f'{grid_name}|{name}'][-1]:.2f} s", flush=True)
-        write(args.json, {**report(volume, cid, runs, masks, args.export), "irs": args.made_by})
+        write(args.json, {**report(volume, cid, runs, masks, args.export), "irs": args.made_by, "load": args.load})
 
 
 def report(volume: np.ndarray, cid: str, runs: dict[str, list[float]], masks: dict, export: Path) -> dict[str, Any]:
@@ -130,9 +131,8 @@ def report(volume: np.ndarray, cid: str, runs: dict[str, list[float]], masks: di
                            "vs torch bf16": statistics.median(bf16) / s if bf16 else None,
                            "agreement": agreement(masks[(grid_name, name)], masks[(grid_name, "torch fp32")])})
             rows.append(row)
-    return {"machine": machine(), "load": "2 cores shared with other developers' jobs during the run",
-            "case": cid, "volume": "x".join(map(str, volume.shape)), "rounds": len(runs["paper loop"]),
-            "rows": rows}
+    return {"machine": machine(), "case": cid, "volume": "x".join(map(str, volume.shape)),
+            "rounds": len(runs["paper loop"]), "rows": rows}
 
 
 def write(path: Path, data: dict[str, Any]) -> None:

@@ -193,7 +193,9 @@ def openvino_accuracy_table(doc: dict) -> str:
     for p in ("fp32", "int8"):
         lines.append(f"| OpenVINO {p} | {100 * s[f'{p}_dice']:.2f} | {s[f'{p}_hd95_mm']:.2f} | "
                      f"{s[f'{p}_seconds']:.1f} |")
-    lines += ["", f"int8 mask vs fp32 mask, Dice per case: mean {s['mask_dice_int8_vs_fp32_mean']:.4f}, worst "
+    below = (f"; {s['cases_below_min_agreement']} case(s) below the export's {s['min_int8_agreement']}"
+             if "cases_below_min_agreement" in s else "")
+    lines += ["", f"int8 mask vs fp32 mask, Dice per case: mean {s['mask_dice_int8_vs_fp32_mean']:.4f}{below}, worst "
               f"{s['mask_dice_int8_vs_fp32_min']:.4f} ({s['worst_case']}, where fp32 scores Dice "
               f"{s['worst_case_fp32_dice']:.3f} against the label); worst of the {s['qc_passed_cases']} cases fp32's "
               f"QC score does not flag {s['mask_dice_int8_vs_fp32_min_qc_passed']:.4f} ({s['worst_qc_passed_case']}). "
@@ -205,7 +207,7 @@ def openvino_accuracy_table(doc: dict) -> str:
 
 def openvino_speed_table(doc: dict) -> str:
     lines = [f"{doc['machine']}; case {doc['case']} ({doc['volume']}), median of {doc['rounds']} interleaved "
-             f"round(s); {doc['load']}", "",
+             f"round(s){'; ' + doc['load'] if doc.get('load') else ''}", "",
              "| grid | method | windows | seconds | vs torch fp32 | vs torch bf16 | vs paper loop | mask agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:

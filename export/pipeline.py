@@ -262,7 +262,8 @@ def _export_openvino(req: ExportRequest, bundle: Bundle, onnx_fp32: Path,
     t = time.perf_counter()
     scans = list(req.calibration[: req.calibration_cases])
     windows = [w for s in scans for w in scan_windows(s, bundle, req.calibration_windows)]
-    echo(f"int8: calibrating on {len(windows)} windows of {len(scans)} scan(s)")
+    echo(f"int8: calibrating on {len(windows)} windows of {len(scans)} scan(s); the first and output "
+         "convolutions stay fp32")
     quantised = quantize_int8(convert_onnx(onnx_fp32), windows)
 
     def check(tmp: Path) -> None:

@@ -145,6 +145,36 @@ def _crop_scans(folder: Path) -> list[Path]:
     return out
 
 
+def _fake_quantized(op) -> bool:
+    """An operation whose data input or weights pass through a FakeQuantize (NNCF's int8 marker)."""
+    def through(node, depth: int = 3) -> bool:
+        if node.get_type_name() == "FakeQuantize":
+            return True
+        return depth > 0 and node.get_type_name() in ("Convert", "Multiply", "Subtract", "Reshape") and any(
+            through(node.input_value(i).get_node(), depth - 1) for i in range(node.get_input_size()))
+    return any(through(op.input_value(i).get_node()) for i in range(op.get_input_size()))
+
+
+def test_int8_keeps_the_image_and_output_convolutions_in_fp32(tiny, tmp_path):
+    bundle, _, xml = tiny
+    from dtml_export.openvino_export import edge_convolutions
+
+    fp32 = convert_onnx(xml.with_suffix(".onnx"))
+    edges = edge_convolutions(fp32)
+    convs = {op.get_friendly_name(): op for op in fp32.get_ordered_ops() if op.get_type_name() == "Convolution"}
+    # Each network's first convolution (reads the image) and its 1-channel output convolution.
+    assert len(edges) == 4 and all(name in convs for name in edges)
+    weights = [convs[n].get_input_shape(1) for n in edges]  # [out, in, k, k, k]
+    assert sorted(w[1] for w in weights)[:2] == [1, 1]  # the image has one channel
+    assert sorted(w[0] for w in weights)[:2] == [1, 1]  # each network's output has one
+    real = [w for s in _crop_scans(tmp_path) for w in scan_windows(s, bundle, 2)]
+    q = quantize_int8(fp32, real)
+    ops = {op.get_friendly_name(): op for op in q.get_ordered_ops() if op.get_type_name() == "Convolution"}
+    assert not any(_fake_quantized(ops[n]) for n in edges)
+    inner = [n for n in ops if n not in edges]
+    assert inner and all(_fake_quantized(ops[n]) for n in inner)
+
+
 @pytest.mark.slow
 def test_int8_check_refuses_a_model_whose_masks_disagree_and_names_the_case(tiny, tmp_path):
     bundle, _, xml = tiny
@@ -185,10 +215,13 @@ def test_shipped_model_int8_agrees_with_fp32_on_the_real_sample(tmp_path):
     lines: list[str] = []
     model = Path(__file__).resolve().parents[2] / "dtml_deploy" / "default_model"
     scans = tuple(SAMPLE / "images" / f"{c}.nii.gz" for c in sample_ids(SAMPLE))
-    run_export(ExportRequest(bundle=model, out_dir=tmp_path, int8=True, calibration=scans, verify=False),
-               lines.append)
+    run_export(ExportRequest(bundle=model, out_dir=tmp_path, int8=True, calibration=scans, verify=False,
+                             measure=False), lines.append)  # timing is tested on a tiny bundle (tests/cli)
     dice = [float(ln.split("mask Dice ")[1].split()[0]) for ln in lines if "int8 vs fp32 on" in ln]
-    assert len(dice) == 3 and min(dice) >= ExportRequest.min_int8_agreement, lines
+    # Full bias correction with fp32 edge convolutions (quantize_int8) keeps these at >= 0.998; NNCF's defaults
+    # gave 0.990-0.998 on the 16 labeled scans, which the stated 0.98 gate would not have caught.
+    assert len(dice) == 3 and min(dice) >= 0.995, lines
+    assert not (tmp_path / "speed.json").exists()
     assert (tmp_path / "model-int8.xml").is_file() and (tmp_path / "model-int8.bin").stat().st_size > 0
     _, info = load_ir(tmp_path / "model-int8.xml")
     assert info.precision == "int8" and json.dumps(list(info.outputs))

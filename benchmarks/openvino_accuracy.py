@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, find_data, machine
@@ -98,13 +100,24 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mask_dice_int8_vs_fp32_mean": mean("mask_dice_int8_vs_fp32"),
         "mask_dice_int8_vs_fp32_min": worst["mask_dice_int8_vs_fp32"], "worst_case": worst["case"],
         "min_int8_agreement": ExportRequest.min_int8_agreement,
-        "cases_below_min_agreement": sum(r["mask_dice_int8_vs_fp32"] < ExportRequest.min_int8_agreement for r in rows),
+        "cases_below_min_agreement": sum(bool(r["mask_dice_int8_vs_fp32"] < ExportRequest.min_int8_agreement)
+                                         for r in rows),
         "worst_case_fp32_dice": worst["fp32_dice"], "qc_passed_cases": len(passed),
         "mask_dice_int8_vs_fp32_min_qc_passed": worst_passed["mask_dice_int8_vs_fp32"],
         "worst_qc_passed_case": worst_passed["case"],
         "qc_abs_diff_mean": statistics.fmean(qc) if qc else None, "qc_abs_diff_max": max(qc) if qc else None,
         "qc_flag_disagreements": sum(r["int8_flagged"] != r["fp32_flagged"] for r in rows),
     }
+
+
+def dumps(report: dict[str, Any]) -> str:
+    """The report as JSON; numpy scalars (metrics, QC flags) as their Python values."""
+    def plain(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        raise TypeError(f"{type(o).__name__} in the report")
+
+    return json.dumps(report, indent=1, default=plain) + "\n"
 
 
 def merge(target: Path, parts: list[Path]) -> None:
@@ -118,7 +131,7 @@ def merge(target: Path, parts: list[Path]) -> None:
     order = json.loads((root / "splits.json").read_text())["unlabeled_16"] if root else sorted(rows)
     report["cases"] = [rows[c] for c in order if c in rows]
     report["summary"] = summary(report["cases"])
-    atomic_write_text(target, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(target, dumps(report))
 
 
 def main() -> None:
@@ -155,7 +168,7 @@ def main() -> None:
             continue
         rows.append(score_case(segmenters, root, cid))
         report["summary"] = summary(rows)
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.json, dumps(report))
         r = rows[-1]
         print(f"{len(rows)}/{args.limit or len(splits['unlabeled_16'])} {cid}: int8 vs fp32 "
               f"{r['mask_dice_int8_vs_fp32']:.4f}, dice {r['fp32_dice']:.4f}/{r['int8_dice']:.4f}", flush=True)

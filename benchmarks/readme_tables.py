@@ -12,6 +12,7 @@ Sources (each written by the script named in its table's caption):
   results/scaling_cpu.json                                           <- scaling.py --json
   results/serve_throughput_cpu.json                                  <- serve_throughput.py --json
   results/openvino_accuracy_cpu.json, results/openvino_speed_cpu.json <- openvino_accuracy.py / openvino_speed.py
+  results/openvino_int8_variants_cpu.json <- openvino_int8_variants.py
 """
 
 from __future__ import annotations
@@ -205,6 +206,18 @@ def openvino_accuracy_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def openvino_variants_table(doc: dict) -> str:
+    scans = doc["scans"]
+    lines = [f"Every window of {len(scans)} unlabeled scans ({sum(scans.values())} windows; the 5 the first int8 "
+             f"export disagreed on most, and 3 others), mask = mean probability > 0.5, Dice with the fp32 IR's "
+             f"mask per scan ({doc['machine']})", "",
+             "| variant | calibration windows | quantise s | mean mask Dice | worst scan |", "|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['variant']}: {r['what']} | {r['calibration_windows']} | {r['quantise_seconds']:.0f} | "
+                     f"{r['mean_mask_dice']:.4f} | {r['min_mask_dice']:.4f} |")
+    return "\n".join(lines)
+
+
 def openvino_speed_table(doc: dict) -> str:
     lines = [f"{doc['machine']}; case {doc['case']} ({doc['volume']}), median of {doc['rounds']} interleaved "
              f"round(s){'; ' + doc['load'] if doc.get('load') else ''}", "",
@@ -255,6 +268,10 @@ def main() -> None:
     if doc:
         print("**OpenVINO int8 against fp32** (`benchmarks/openvino_accuracy.py`)\n")
         print(openvino_accuracy_table(doc), end="\n\n")
+    doc = load("openvino_int8_variants_cpu.json")
+    if doc:
+        print("**int8 quantisation variants** (`benchmarks/openvino_int8_variants.py`)\n")
+        print(openvino_variants_table(doc), end="\n\n")
     doc = load("openvino_speed_cpu.json")
     if doc:
         print("**OpenVINO on the CPU, whole scan** (`benchmarks/openvino_speed.py`)\n")

@@ -16,9 +16,10 @@ from dtml_deploy.artifacts import FORMATS, format_for_path
 from dtml_deploy.speed_record import SPEED_FILE, SpeedRecord, read_record, row_applies
 
 # Fastest first, whole scans on the CPU (benchmarks/openvino_speed.py -> benchmarks/results/openvino_speed_cpu.json,
-# default grid, median of 3 interleaved rounds on a shared 2-core Xeon: openvino int8 3.4x torch fp32, openvino
-# fp32 1.15x). The test of this module checks the order against that file. Each entry: (backend, precision of
-# its artifact); torch needs none, so it ends the list.
+# default grid, median of 3 interleaved rounds on a 2-core Xeon: openvino int8 2.9x torch fp32, openvino fp32
+# level with it, 1.01x). The test of this module checks the order against that file. Each entry: (backend,
+# precision of its artifact); torch needs none, so it ends the list. A folder timed by `dtml export` on the
+# machine that runs it (speed.json) is ranked by that measurement instead.
 CPU_RANKING: tuple[tuple[str, str], ...] = (("openvino", "int8"), ("openvino", "fp32"), ("torch", "fp32"))
 CUDA_RANKING: tuple[tuple[str, str], ...] = (("trt", "fp16"), ("trt", "fp32"), ("torch", "fp16"))
 RANKING_SOURCE = "benchmarks/results/openvino_speed_cpu.json"

@@ -55,11 +55,11 @@ def pick_from_folder(folder: Path, backend: str, device_type: str, precision: st
 
 def _pick_measured(folder: Path, record: SpeedRecord, backend: str, precision: str | None) -> Choice | None:
     """The fastest row of `record` that can run here now, or None when none of its rows can."""
-    usable = [r for r in record.rows if backend in ("auto", r.backend) and _installed(r.backend)
-              and row_applies(r, folder) and (r.backend != "torch" or precision in (None, r.precision))]
-    if not usable:
+    wanted = (r for r in sorted(record.rows, key=lambda r: r.ms_per_window) if backend in ("auto", r.backend)
+              and (r.backend != "torch" or precision in (None, r.precision)) and _installed(r.backend))
+    best = next((r for r in wanted if row_applies(r, folder)), None)  # hashes only the files it reaches
+    if best is None:
         return None
-    best = min(usable, key=lambda r: r.ms_per_window)
     torch_row = next((r for r in record.rows if r.backend == "torch" and r.precision == "fp32"), None)
     than = (f", {torch_row.ms_per_window / best.ms_per_window:.1f}x torch fp32"
             if torch_row is not None and best is not torch_row else "")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dtml_deploy.artifacts import EXPORT_INT8, ONNX_INPUT, openvino_metadata
+from dtml_deploy.backends.signal_stack import kept_signal_stack
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.engine.grid import GridSpec, pad_volume, window_starts
 from dtml_deploy.errors import DtmlError
@@ -154,8 +155,9 @@ def quantize_int8(model: Any, windows: list[np.ndarray]) -> Any:
     level = log.level
     log.setLevel(logging.WARNING)  # NNCF's INFO lines list every kept layer; dtml says what it kept, once
     try:
-        return nncf.quantize(model, dataset, subset_size=len(windows), ignored_scope=keep,
-                             fast_bias_correction=False)
+        with kept_signal_stack():  # NNCF compiles and drops OpenVINO models (dtml_deploy/backends/signal_stack.py)
+            return nncf.quantize(model, dataset, subset_size=len(windows), ignored_scope=keep,
+                                 fast_bias_correction=False)
     finally:
         log.setLevel(level)
 

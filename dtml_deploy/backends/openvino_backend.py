@@ -26,6 +26,7 @@ from dtml_deploy.artifacts import (
     require_artifact,
 )
 from dtml_deploy.backends.base import Backend, BackendOptions
+from dtml_deploy.backends.signal_stack import kept_signal_stack
 from dtml_deploy.bundle import Bundle
 from dtml_deploy.errors import BackendUnavailable, BundleError
 
@@ -99,7 +100,8 @@ class OpenVinoBackend(Backend):
         model.reshape({ONNX_INPUT: [batch, 1, *self.info.patch_size]})  # the unneeded network is dropped above
         config = {"INFERENCE_PRECISION_HINT": _HINTS[self.options.precision], "PERFORMANCE_HINT": "LATENCY"}
         try:
-            compiled = ov.Core().compile_model(model, "CPU", config)
+            with kept_signal_stack():
+                compiled = ov.Core().compile_model(model, "CPU", config)
         except Exception as e:
             raise BackendUnavailable(f"{self.artifact}: OpenVINO cannot compile it for this CPU "
                                      f"({_first_line(e)})") from None
@@ -117,6 +119,15 @@ class OpenVinoBackend(Backend):
         maps = [np.asarray(result[o]) for o in self.outputs]
         out = maps[0] if len(maps) == 1 else np.concatenate(maps, axis=1)
         return torch.from_numpy(np.ascontiguousarray(out)).to(self.device)
+
+    def close(self) -> None:
+        """Release the compiled models now (inside `kept_signal_stack`, as their compilation was)."""
+        with kept_signal_stack():
+            self._requests.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "_requests", None):
+            self.close()
 
     def describe(self) -> str:
         return (f"openvino on cpu ({self.info.precision} IR, {self.options.precision} elsewhere, "

@@ -337,8 +337,8 @@ print(json.dumps({"interrupted": first.interrupted, "iterations": first.iteratio
 
 def test_sigterm_checkpoints_and_stops(sample_root, tmp_path):
     """A SIGTERM mid-run finishes the current iteration, writes a checkpoint and reports the stop; a resume
-    completes the run. In its own process: a signal to a process that an earlier test loaded OpenVINO into
-    crashed it (SIGSEGV, no Python traceback), and the trainer's handling is what is tested here."""
+    completes the run. In its own process, so that what earlier tests loaded cannot matter (OpenVINO once
+    left a freed alternate signal stack behind: dtml_deploy/backends/signal_stack.py)."""
     import subprocess
     import sys
 

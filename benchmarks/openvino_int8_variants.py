@@ -4,7 +4,8 @@ The shipped model's fp32 IR is quantised with NNCF several ways, each calibrated
 (windows spread over each of the 16 LABELED training scans), and every window of a fixed set of unlabeled
 scans is run through the fp32 IR and each int8 IR: both networks, mask = mean probability > 0.5, Dice of
 the int8 mask with the fp32 mask per scan (its windows together, before blending) and the mean absolute
-probability difference. The scans: the five on which the shipped int8 IR disagreed most with fp32 in the
+probability difference; `infer_seconds` is the time of all those windows through the variant (compilation
+included, one process, variants one after the other: a rough speed check, not the speed benchmark). The scans: the five on which the shipped int8 IR disagreed most with fp32 in the
 64-case gate (benchmarks/openvino_accuracy.py) and three ordinary ones; a variant is chosen on all eight,
 and the 64-case gate then measures the chosen one on every case.
 
@@ -105,12 +106,15 @@ def main() -> None:
         q = quantize(ov.Core().read_model(str(args.fp32)), name, calib)
         seconds = time.perf_counter() - t
         per = {}
-        for c, w in scans.items():
-            p = mean_probability(q, w, patch)
+        t = time.perf_counter()
+        probs = {c: mean_probability(q, w, patch) for c, w in scans.items()}
+        infer_seconds = time.perf_counter() - t
+        for c, p in probs.items():
             per[c] = {"mask_dice": agreement(p > 0.5, ref[c] > 0.5), "mean_abs_diff": float(np.abs(p - ref[c]).mean())}
         dice = [v["mask_dice"] for v in per.values()]
         report["rows"].append({"variant": name, "what": what, "calibration_windows": len(calib),
-                               "quantise_seconds": round(seconds, 1), "mean_mask_dice": statistics.fmean(dice),
+                               "quantise_seconds": round(seconds, 1), "infer_seconds": round(infer_seconds, 1),
+                               "mean_mask_dice": statistics.fmean(dice),
                                "min_mask_dice": min(dice), "scans": per})
         print(f"{name}: mean {statistics.fmean(dice):.4f}, min {min(dice):.4f}", flush=True)
         atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")

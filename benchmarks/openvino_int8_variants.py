@@ -1,13 +1,14 @@
 """Which int8 quantisation keeps the masks closest to fp32: NNCF variants scored window by window.
 
 The shipped model's fp32 IR is quantised with NNCF several ways, each calibrated as `dtml export --int8` does
-(windows spread over each of the 16 LABELED training scans), and every window of a fixed set of unlabeled
-scans is run through the fp32 IR and each int8 IR: both networks, mask = mean probability > 0.5, Dice of
-the int8 mask with the fp32 mask per scan (its windows together, before blending) and the mean absolute
-probability difference; `infer_seconds` is the time of all those windows through the variant (compilation
-included, one process, variants one after the other: a rough speed check, not the speed benchmark). The scans: the five on which the shipped int8 IR disagreed most with fp32 in the
-64-case gate (benchmarks/openvino_accuracy.py) and three ordinary ones; a variant is chosen on all eight,
-and the 64-case gate then measures the chosen one on every case.
+(windows spread over each of the 16 LABELED training scans), and every window of a fixed set of unlabeled scans
+is run through the fp32 IR and each int8 IR: both networks, mask = mean probability > 0.5, Dice of the int8 mask
+with the fp32 mask per scan (its windows together, before blending) and the mean absolute probability
+difference; `infer_seconds` is the time of all those windows through the variant (compilation included, one
+process, variants one after the other: a rough speed check, not the speed benchmark). The scans: the five on
+which the shipped int8 IR disagreed most with fp32 in the 64-case gate (benchmarks/openvino_accuracy.py) and
+three ordinary ones; a variant is chosen on all eight, and the 64-case gate then measures the chosen one on
+every case.
 
     nice -n 5 python benchmarks/openvino_int8_variants.py --fp32 /tmp/ov-export/model-fp32.xml
 """

@@ -6,9 +6,9 @@ is run through the fp32 IR and each int8 IR: both networks, mask = mean probabil
 with the fp32 mask per scan (its windows together, before blending) and the mean absolute probability
 difference; `infer_seconds` is the time of all those windows through the variant (compilation included, one
 process, variants one after the other: a rough speed check, not the speed benchmark). The scans: the five on
-which the shipped int8 IR disagreed most with fp32 in the 64-case gate (benchmarks/openvino_accuracy.py) and
-three ordinary ones; a variant is chosen on all eight, and the 64-case gate then measures the chosen one on
-every case.
+which the first int8 IR (NNCF's defaults) disagreed most with fp32 in the 64-case gate
+(benchmarks/openvino_accuracy.py) and three ordinary ones; a variant is chosen on all eight, and the 64-case
+gate then measures the chosen one on every case.
 
     nice -n 5 python benchmarks/openvino_int8_variants.py --fp32 /tmp/ov-export/model-fp32.xml
 """

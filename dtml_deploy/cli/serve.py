@@ -82,4 +82,6 @@ def serve(
 
         model = options.pop("model")
         predictor = load_predictor(model, predictor_settings(**options), Ranks())
+        if predictor.chosen:  # --artifact FOLDER: which of its models serves, and why
+            echo_err(f"dtml serve: {predictor.chosen}")
         run_server(Model(predictor), settings, echo_err)

@@ -1,11 +1,11 @@
 """Time the CPU-runnable models of an export folder beside torch, on this machine: the folder's `speed.json`.
 
 Each row runs one forward of `batch` windows (dtml's CPU batch) through its real backend, both networks as
-`dtml segment` runs them; the rows are interleaved over the rounds (row 1, row 2, ..., row 1, ...) so a load
-change on a shared machine hits every row alike, after one untimed warm-up forward each (compilation,
-allocation). A row's time is its fastest round: on a shared machine the other rounds measure the
-neighbours. The windows' values do not change the time of these dense convolutions, so real calibration
-windows are used when the export has them and seeded noise otherwise.
+`dtml segment` runs them, after one untimed warm-up forward (compilation, allocation); a row's time is its
+fastest of `rounds` forwards, since on a shared machine the slower ones measure the neighbours. Rows run one
+after another and each runtime is released before the next is made: all four held at once (interleaved
+rounds) peaked at 5.7 GB for the shipped pair at batch 4. The windows' values do not change the time of these
+dense convolutions, so real windows are used when the export has them and seeded noise otherwise.
 """
 
 from __future__ import annotations
@@ -55,23 +55,21 @@ def measure_folder(bundle: Bundle, folder: Path, real: Sequence[np.ndarray] = ()
     """Milliseconds per window of every row of `probe_rows(folder)` on this machine's CPU."""
     batch = batch or default_batch(torch.device("cpu"))
     x = probe_windows(bundle, batch, real)
-    runners = []
+    rows = []
     for backend, precision, path in probe_rows(folder):
         options = BackendOptions(device="cpu", precision=precision if backend == "torch" else "fp32",
                                  batch=batch, artifact=path).resolved(backend)
         runner = create_backend(backend, bundle, options)
         runner.predict(x)  # warm-up: compilation and first allocation are not the steady state
-        runners.append((backend, precision, path, runner))
-    best = [float("inf")] * len(runners)
-    for _ in range(rounds):
-        for i, (_, _, _, runner) in enumerate(runners):
+        best = float("inf")
+        for _ in range(rounds):
             t = time.perf_counter()
             runner.predict(x)
-            best[i] = min(best[i], time.perf_counter() - t)
-    rows = tuple(Timing(backend, precision, path.name if path else "", round(1000 * s / batch, 1),
-                        weights_digest(path) if path else "")
-                 for (backend, precision, path, _), s in zip(runners, best))
-    return SpeedRecord(host=host_id(), batch=batch, rows=rows, runtimes=_versions(rows))
+            best = min(best, time.perf_counter() - t)
+        del runner  # one runtime's buffers at a time (all four together peaked at 5.7 GB for the shipped pair)
+        rows.append(Timing(backend, precision, path.name if path else "", round(1000 * best / batch, 1),
+                           weights_digest(path) if path else ""))
+    return SpeedRecord(host=host_id(), batch=batch, rows=tuple(rows), runtimes=_versions(rows))
 
 
 def _versions(rows: Sequence[Timing]) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 
 from dtml_deploy.errors import DtmlError
 from dtml_deploy.io.atomic import atomic_write_text
+from dtml_deploy.speed_record import cpu_name
 from dtml_export.bench_rows import PARITY, PASSED
 
 OUTLIER_FACTOR = 1.5  # a timed run longer than this times the median is an outlier
@@ -72,13 +72,7 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         hw = f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     else:
-        cpu = platform.processor() or "cpu"
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        hw = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+        hw = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
     with contextlib.suppress(ImportError):
         import onnxruntime
 
